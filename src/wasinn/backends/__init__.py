@@ -1,0 +1,123 @@
+"""The one protocol between the ABI glue and the frameworks, in three levels as in wasmtime:
+a backend loads graphs, a graph makes execution contexts, a context runs."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import InvalidEncoding, UnsupportedOperation
+from ..tensor import ExecutionTarget, GraphEncoding, Tensor
+
+
+class ExecutionContext(Protocol):
+    """One inference state. Inputs and outputs are addressed by index, in the graph's order."""
+
+    def set_input(self, index: int, tensor: Tensor) -> None: ...
+
+    def compute(self) -> None: ...
+
+    def get_output(self, index: int) -> np.ndarray:
+        """The output as a C-contiguous array whose bytes are what the guest receives."""
+        ...
+
+    def compute_single(self) -> None: ...
+
+    def get_output_single(self, index: int) -> np.ndarray: ...
+
+    def fini_single(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Graph(Protocol):
+    """A loaded model; thread-safe, shared by every context made from it."""
+
+    def init_execution_context(self) -> ExecutionContext: ...
+
+    def input_dtype(self, index: int) -> np.dtype | None:
+        """The dtype input `index` expects, or None when the graph does not say."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    encoding: GraphEncoding
+    #: fixed file names inside a `--nn-graph ENCODING::DIR` directory (wasmtime's convention)
+    graph_files: tuple[str, ...]
+
+    def load(self, builders: Sequence[bytes | memoryview], target: ExecutionTarget) -> Graph: ...
+
+
+class NotStreaming:
+    """Mixin for contexts of backends that do not stream: the single-step calls are unsupported."""
+
+    def compute_single(self) -> None:
+        raise UnsupportedOperation("this backend does not stream (compute_single)")
+
+    def get_output_single(self, index: int) -> np.ndarray:
+        raise UnsupportedOperation("this backend does not stream (get_output_single)")
+
+    def fini_single(self) -> None:
+        raise UnsupportedOperation("this backend does not stream (fini_single)")
+
+
+# encoding -> (module, class, extra to install): imported lazily so a missing framework only
+# matters to the guests that ask for it.
+_KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
+    GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
+}
+
+BackendFactory = Callable[[], Backend]
+
+
+class Backends:
+    """The backends one Host offers, made on first use and kept for the Host's life."""
+
+    def __init__(self, threads: int | None = None,
+                 factories: dict[GraphEncoding, BackendFactory] | None = None) -> None:
+        self._threads = threads
+        self._factories = dict(factories or {})
+        self._made: dict[GraphEncoding, Backend] = {}
+
+    def get(self, encoding: GraphEncoding | int) -> Backend:
+        try:
+            encoding = GraphEncoding(encoding)
+        except ValueError:
+            raise InvalidEncoding(f"unknown graph encoding {encoding}") from None
+        backend = self._made.get(encoding)
+        if backend is None:
+            backend = self._make(encoding)
+            self._made[encoding] = backend
+        return backend
+
+    def _make(self, encoding: GraphEncoding) -> Backend:
+        factory = self._factories.get(encoding)
+        if factory is not None:
+            return factory()
+        known = _KNOWN.get(encoding)
+        if known is None:
+            raise InvalidEncoding(f"no backend for encoding {encoding.name.lower()} in this host")
+        module_name, class_name, extra = known
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise InvalidEncoding(
+                f"the {encoding.name.lower()} backend needs {e.name or 'its framework'}: "
+                f"pip install 'wasinn[{extra}]'") from None
+        return getattr(module, class_name)(threads=self._threads)
+
+
+def read_graph_dir(backend: Backend, directory: Path) -> list[Path]:
+    """The files of a wasmtime-style graph directory, by the backend's fixed names."""
+    paths = [directory / name for name in backend.graph_files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"graph directory {directory} lacks {', '.join(missing)}")
+    return paths

@@ -1,0 +1,133 @@
+"""ONNX Runtime backend (encoding 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendError, InvalidArgument, UnsupportedOperation
+from ..tensor import ExecutionTarget, GraphEncoding, Tensor
+from . import NotStreaming
+
+_ORT_DTYPES = {
+    "tensor(float16)": np.float16,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(uint32)": np.uint32,
+    "tensor(int64)": np.int64,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+class OnnxBackend:
+    encoding = GraphEncoding.ONNX
+    graph_files = ("model.onnx",)
+
+    def __init__(self, threads: int | None = None) -> None:
+        self._threads = threads
+
+    def providers(self, target: ExecutionTarget) -> list[str]:
+        available = ort.get_available_providers()
+        if target == ExecutionTarget.CPU:
+            return [_CPU]
+        if target == ExecutionTarget.GPU:
+            if _CUDA not in available:
+                raise UnsupportedOperation(
+                    "target gpu needs ONNX Runtime with CUDA: onnxruntime-gpu is not installed "
+                    f"(this onnxruntime {ort.__version__} offers {', '.join(available)}); "
+                    "pip install 'wasinn[onnx-gpu]'")
+            return [_CUDA, _CPU]
+        if target == ExecutionTarget.AUTO:
+            return [_CUDA, _CPU] if _CUDA in available else [_CPU]
+        raise UnsupportedOperation(f"the onnx backend has no {target.name.lower()} target")
+
+    def load(self, builders: Sequence[bytes | memoryview], target: ExecutionTarget) -> OnnxGraph:
+        if len(builders) != 1:
+            raise InvalidArgument(f"onnx takes one builder (the model bytes), got {len(builders)}")
+        providers = self.providers(target)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+            options.inter_op_num_threads = 1
+        try:
+            session = ort.InferenceSession(bytes(builders[0]), sess_options=options,
+                                           providers=providers)
+        except Exception as e:  # onnxruntime raises several unrelated types
+            raise BackendError(f"onnxruntime could not load the model: {e}") from e
+        if target == ExecutionTarget.GPU and _CUDA not in session.get_providers():
+            raise UnsupportedOperation("onnxruntime-gpu is installed but CUDA could not start "
+                                       "(no GPU, or CUDA/cuDNN libraries missing)")
+        return OnnxGraph(session)
+
+
+class OnnxGraph:
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.inputs = session.get_inputs()
+        self.input_names = [i.name for i in self.inputs]
+        self.input_dtypes = [np.dtype(_ORT_DTYPES.get(i.type, np.float32)) for i in self.inputs]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def input_dtype(self, index: int) -> np.dtype | None:
+        if 0 <= index < len(self.input_dtypes):
+            return self.input_dtypes[index]
+        return None
+
+    def init_execution_context(self) -> OnnxContext:
+        return OnnxContext(self)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+class OnnxContext(NotStreaming):
+    def __init__(self, graph: OnnxGraph) -> None:
+        self._graph = graph
+        self._feeds: dict[str, np.ndarray] = {}
+        self._outputs: list[np.ndarray] | None = None
+
+    def set_input(self, index: int, tensor: Tensor) -> None:
+        graph = self._graph
+        if not 0 <= index < len(graph.input_names):
+            raise InvalidArgument(f"input index {index} out of range: the model has "
+                                  f"{len(graph.input_names)} input(s)")
+        expected = graph.input_dtypes[index]
+        if tensor.data.dtype != expected:
+            raise InvalidArgument(f"input {index} ({graph.input_names[index]}) expects "
+                                  f"{expected}, got {tensor.data.dtype}")
+        self._feeds[graph.input_names[index]] = tensor.data.reshape(tensor.dims)
+
+    def compute(self) -> None:
+        graph = self._graph
+        if len(self._feeds) != len(graph.input_names):
+            missing = [n for n in graph.input_names if n not in self._feeds]
+            raise InvalidArgument(f"compute before every input is set (missing: {', '.join(missing)})")
+        try:
+            self._outputs = graph.session.run(graph.output_names, self._feeds)
+        except Exception as e:
+            raise BackendError(f"onnxruntime failed: {e}") from e
+
+    def get_output(self, index: int) -> np.ndarray:
+        outputs = self._outputs
+        if outputs is None:
+            raise InvalidArgument("get_output before compute")
+        if not 0 <= index < len(outputs):
+            raise InvalidArgument(f"output index {index} out of range: the model has "
+                                  f"{len(outputs)} output(s)")
+        return np.ascontiguousarray(outputs[index])
+
+    def close(self) -> None:
+        self._feeds.clear()
+        self._outputs = None

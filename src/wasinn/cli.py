@@ -1,0 +1,203 @@
+"""`wasinn run [options] MODULE.wasm [ARGS...]`: run a WASI command with wasi-nn.
+
+Every option has the same name in the TOML config file (`--config`), e.g.
+    nn-preload = ["mobilenet:onnx:cpu:models/mobilenet.onnx"]
+    nn-graph = ["onnx::models/squeezenet"]
+    dir = ["data:/data"]
+    env = {LANG = "C"}
+    max-memory = "512M"
+    timeout = 30
+Lists from the file and from the command line add up; single values on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from . import __version__
+from .errors import ConfigError
+from .host import GuestTimeout, Host, Preopen
+from .registry import ModelSpec
+
+EXIT_TIMEOUT = 124
+EXIT_TRAP = 134  # what wasmtime's own CLI reports for a trap: 128 + SIGABRT
+EXIT_USAGE = 2
+
+_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `1048576`, `512K`, `64M`, `2G` (binary units; a trailing B or iB is allowed)."""
+    if isinstance(text, int):
+        return text
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1:] if value[-1:] in _SUFFIXES else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (try 512M or 2G)") from None
+    if number < 0:
+        raise ConfigError(f"size must be positive: {text!r}")
+    return int(number * _SUFFIXES[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wasinn", description="Run WebAssembly with wasi-nn.")
+    parser.add_argument("--version", action="version", version=f"wasinn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a WASI command module",
+                              description="Run MODULE.wasm (a WASI command) with wasi-nn.")
+    run.add_argument("--config", type=Path, help="TOML file whose keys are these options' names")
+    run.add_argument("--nn-preload", action="append", default=[], metavar="NAME:ENC:TARGET:PATH",
+                     help="offer a named model (WasmEdge syntax; more paths with ':')")
+    run.add_argument("--nn-graph", action="append", default=[], metavar="ENCODING::DIR",
+                     help="offer the model in DIR, named after DIR (wasmtime syntax)")
+    run.add_argument("--dir", action="append", default=[], metavar="HOST[:GUEST]",
+                     help="preopen a host directory for the guest")
+    run.add_argument("--env", action="append", default=[], metavar="K=V",
+                     help="set an environment variable in the guest")
+    run.add_argument("--max-memory", metavar="SIZE", help="cap on guest linear memory, e.g. 256M")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the guest after this")
+    run.add_argument("--max-tensor-bytes", metavar="SIZE", help="largest tensor a guest may set")
+    run.add_argument("--threads", type=int, help="threads per inference (backend intra-op)")
+    run.add_argument("--cache-dir", metavar="DIR", help="compiled-module cache directory")
+    run.add_argument("--no-cache", action="store_true", help="compile without the module cache")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="log every errno a guest receives, with its reason")
+    run.add_argument("module", type=Path, metavar="MODULE.wasm")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+    return parser
+
+
+_LIST_KEYS = ("nn-preload", "nn-graph", "dir")
+_VALUE_KEYS = ("max-memory", "timeout", "max-tensor-bytes", "threads", "cache-dir")
+
+
+def merge_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Fold a TOML config file into the parsed flags (flags win, lists add up)."""
+    if args.config is None:
+        return args
+    try:
+        data: dict[str, Any] = tomllib.loads(args.config.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config {args.config}: {e}") from None
+    known = set(_LIST_KEYS) | set(_VALUE_KEYS) | {"env", "no-cache"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config {args.config}: unknown key(s) {', '.join(unknown)}")
+    base = args.config.parent
+    for key in _LIST_KEYS:
+        values = data.get(key, [])
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"config {args.config}: {key} must be a list of strings")
+        attr = key.replace("-", "_")
+        setattr(args, attr, [_relative(key, v, base) for v in values] + getattr(args, attr))
+    env = data.get("env", {})
+    if isinstance(env, dict):
+        env = [f"{k}={v}" for k, v in env.items()]
+    args.env = list(env) + args.env
+    for key in _VALUE_KEYS:
+        attr = key.replace("-", "_")
+        if getattr(args, attr) is None and key in data:
+            setattr(args, attr, data[key])
+    args.no_cache = args.no_cache or bool(data.get("no-cache", False))
+    return args
+
+
+def _relative(key: str, value: str, base: Path) -> str:
+    """Paths in a config file are relative to the file, as users of config files expect."""
+    if key == "nn-preload":
+        name, enc, target, *paths = value.split(":")
+        paths = [str(base / p) for p in paths]
+        return ":".join([name, enc, target, *paths])
+    if key == "nn-graph":
+        encoding, sep, directory = value.partition("::")
+        return f"{encoding}{sep}{base / directory}" if sep else value
+    host, sep, guest = value.partition(":")
+    return f"{base / host}{sep}{guest}"
+
+
+def host_from_args(args: argparse.Namespace) -> Host:
+    cache: bool | str = False if args.no_cache else (args.cache_dir or True)
+    host = Host(threads=args.threads,
+                max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
+                timeout=args.timeout,
+                max_tensor_bytes=(parse_size(args.max_tensor_bytes)
+                                  if args.max_tensor_bytes is not None else None),
+                module_cache=cache, progress=_print_progress)
+    for text in args.nn_preload:
+        host.add_model(text)
+    for text in args.nn_graph:
+        host.add_model(ModelSpec.from_graph_dir(text))
+    return host
+
+
+def _env(pairs: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {pair!r}: expected K=V")
+        env[key] = value
+    return env
+
+
+_last_percent: dict[str, int] = {}
+
+
+def _print_progress(name: str, done: int, total: int, phase: str) -> None:
+    if phase == "read":
+        percent = done * 100 // max(total, 1)
+        if percent // 10 == _last_percent.get(name, -1) // 10:
+            return
+        _last_percent[name] = percent
+        print(f"wasinn: loading model {name}: {percent}% of {total / 1e6:.1f} MB",
+              file=sys.stderr, flush=True)
+    elif phase == "build":
+        print(f"wasinn: loading model {name}: building", file=sys.stderr, flush=True)
+    else:
+        print(f"wasinn: model {name} ready", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="wasinn: %(message)s",
+                        level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        args = merge_config(args)
+        host = host_from_args(args)
+        env = _env(args.env)
+        dirs = [Preopen.parse(d) for d in args.dir]
+        for preopen in dirs:
+            if not preopen.host.is_dir():
+                raise ConfigError(f"--dir {preopen.host}: not a directory")
+        if not args.module.is_file():
+            raise ConfigError(f"{args.module}: no such module")
+    except ConfigError as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return host.run(args.module, args.args, env=env, dirs=dirs, program=args.module.name)
+    except GuestTimeout as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except wasmtime.Trap as e:
+        print(f"wasinn: the guest trapped: {e}", file=sys.stderr)
+        return EXIT_TRAP
+    except (wasmtime.WasmtimeError, ValueError) as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        host.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

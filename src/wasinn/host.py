@@ -1,0 +1,271 @@
+"""The Python API: a Host owns an Engine, its named models and its limits, and adds wasi-nn to
+wasmtime Linkers and Stores, its own or the embedder's."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from .abi import Limits, NnState, WitxAbi
+from .backends import Backends
+from .errors import BackendError
+from .modcache import ModuleCache
+from .registry import ModelSpec, Progress, Registry
+
+Output = str | os.PathLike[str] | Callable[[bytes], None] | None
+
+#: how often the epoch ticks while some guest runs under a deadline
+EPOCH_TICK_S = 0.01
+
+
+class GuestTimeout(Exception):
+    """The guest ran past its deadline and was stopped; the host goes on."""
+
+
+@dataclass(frozen=True)
+class Preopen:
+    """A host directory the guest sees at `guest` (`--dir HOST:GUEST`)."""
+
+    host: Path
+    guest: str
+
+    @classmethod
+    def parse(cls, text: str) -> Preopen:
+        host, sep, guest = text.partition(":")
+        return cls(Path(host), guest if sep else host)
+
+
+class Host:
+    """A wasi-nn host: named models shared by every guest it runs, and the limits they run under.
+
+    `module_cache` is True for the default directory (~/.cache/wasinn/modules), a directory, or
+    False to compile every time.
+
+    >>> host = Host(models=["classifier:onnx:cpu:model.onnx"])
+    >>> exit_code = host.run("classify.wasm", ["classifier", "cat.ppm"])
+    """
+
+    def __init__(self, *, models: Iterable[ModelSpec | str] = (), threads: int | None = None,
+                 max_memory: int | None = None, timeout: float | None = None,
+                 max_tensor_bytes: int | None = None,
+                 module_cache: bool | str | os.PathLike[str] = True,
+                 progress: Progress | None = None, engine: wasmtime.Engine | None = None) -> None:
+        if engine is None:
+            config = wasmtime.Config()
+            config.epoch_interruption = True
+            engine = wasmtime.Engine(config)
+        self.engine = engine
+        self.backends = Backends(threads=threads)
+        self.registry = Registry(self.backends, progress=progress)
+        for model in models:
+            self.add_model(model)
+        self.max_memory = max_memory
+        self.timeout = timeout
+        self.limits = Limits() if max_tensor_bytes is None else Limits(max_tensor_bytes)
+        cache_dir = None if isinstance(module_cache, bool) else Path(module_cache)
+        self.modules = ModuleCache(engine, cache_dir, enabled=module_cache is not False)
+        self._abi = WitxAbi(self._state_of)
+        self._states: dict[int, NnState] = {}
+        self._ticker = _EpochTicker(engine)
+
+    # --- models ---------------------------------------------------------------------------
+
+    def add_model(self, model: ModelSpec | str) -> ModelSpec:
+        """Offer a named model: a ModelSpec, or WasmEdge's `NAME:ENCODING:TARGET:PATH...`."""
+        spec = ModelSpec.from_preload(model) if isinstance(model, str) else model
+        self.registry.register(spec)
+        return spec
+
+    def add_graph_dir(self, text: str) -> ModelSpec:
+        """Offer a model from wasmtime's `ENCODING::DIR` (named after the directory)."""
+        spec = ModelSpec.from_graph_dir(text)
+        self.registry.register(spec)
+        return spec
+
+    # --- embedding in the user's own Linker and Store -------------------------------------
+
+    def add_to_linker(self, linker: wasmtime.Linker) -> None:
+        """Define the `wasi_ephemeral_nn` imports on `linker` (WASI is the embedder's choice)."""
+        self._abi.add_to_linker(linker)
+
+    def add_to_store(self, store: wasmtime.Store) -> NnState:
+        """Give `store` its own wasi-nn handles and this host's limits. Call once per Store."""
+        state = NnState(self.registry, self.backends, self.limits)
+        key = _store_key(store)
+        self._states[key] = state
+        weakref.finalize(store, self._forget, key, state)
+        if self.max_memory is not None:
+            store.set_limits(memory_size=self.max_memory)
+        # with epoch interruption on, a store without a deadline would stop at the first tick
+        store.set_epoch_deadline(1 << 62)
+        return state
+
+    def _forget(self, key: int, state: NnState) -> None:
+        if self._states.get(key) is state:
+            del self._states[key]
+        state.close()
+
+    def _state_of(self, caller: wasmtime.Caller) -> NnState:
+        state = self._states.get(ctypes.addressof(caller._context().contents))
+        if state is None:
+            raise BackendError("this Store was not given to Host.add_to_store")
+        return state
+
+    def linker(self, wasi: bool = True) -> wasmtime.Linker:
+        """A new Linker with WASI preview1 (if asked) and wasi-nn."""
+        linker = wasmtime.Linker(self.engine)
+        if wasi:
+            linker.define_wasi()
+        self.add_to_linker(linker)
+        return linker
+
+    def store(self, wasi: wasmtime.WasiConfig | None = None) -> wasmtime.Store:
+        """A new Store with wasi-nn state, this host's limits and, if given, WASI."""
+        store = wasmtime.Store(self.engine)
+        if wasi is not None:
+            store.set_wasi(wasi)
+        self.add_to_store(store)
+        return store
+
+    def compile(self, module: str | os.PathLike[str] | bytes) -> wasmtime.Module:
+        """Compile a module, or take it from the on-disk cache of compiled modules."""
+        return self.modules.load(module)
+
+    # --- running a command module in one call ---------------------------------------------
+
+    def run(self, module: str | os.PathLike[str] | bytes | wasmtime.Module,
+            args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
+            dirs: Iterable[Preopen | str] = (), stdin: str | os.PathLike[str] | None = None,
+            stdout: Output = None, stderr: Output = None, timeout: float | None = None,
+            program: str | None = None) -> int:
+        """Run a WASI command module to its end and return its exit code.
+
+        stdio is inherited unless given: a file path, or (stdout/stderr) a callable taking bytes.
+        Raises GuestTimeout past the deadline and wasmtime.Trap if the guest traps.
+        """
+        compiled = module if isinstance(module, wasmtime.Module) else self.compile(module)
+        if program is None:
+            program = Path(module).name if isinstance(module, (str, os.PathLike)) else "main.wasm"
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [program, *args]
+        if env:
+            wasi.env = list(env.items())
+        for entry in dirs:
+            preopen = Preopen.parse(entry) if isinstance(entry, str) else entry
+            wasi.preopen_dir(str(preopen.host), preopen.guest)
+        _set_input(wasi, stdin)
+        _set_output(wasi, "stdout", stdout)
+        _set_output(wasi, "stderr", stderr)
+        store = self.store(wasi)
+        linker = self.linker()
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            with self._ticker.deadline(store, timeout):
+                instance = linker.instantiate(store, compiled)
+                start = instance.exports(store).get("_start")
+                if not isinstance(start, wasmtime.Func):
+                    raise ValueError("the module is not a WASI command (no _start export)")
+                start(store)
+        except wasmtime.ExitTrap as e:
+            return e.code
+        except wasmtime.Trap as e:
+            if e.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise GuestTimeout(f"the guest ran past its {timeout} s deadline") from None
+            raise
+        finally:
+            self._forget(_store_key(store), self._states.get(_store_key(store)) or _NO_STATE)
+        return 0
+
+    def close(self) -> None:
+        self._ticker.stop()
+        self.registry.close()
+
+
+_NO_STATE = object()
+
+
+def _store_key(store: wasmtime.Store) -> int:
+    return ctypes.addressof(store._context().contents)
+
+
+def _set_input(wasi: wasmtime.WasiConfig, stdin: str | os.PathLike[str] | None) -> None:
+    if stdin is None:
+        wasi.inherit_stdin()
+    else:
+        wasi.stdin_file = str(stdin)
+
+
+def _set_output(wasi: wasmtime.WasiConfig, stream: str, target: Output) -> None:
+    if target is None:
+        getattr(wasi, f"inherit_{stream}")()
+    elif callable(target):
+        getattr(wasi, f"{stream}_custom")(target)
+    else:
+        setattr(wasi, f"{stream}_file", str(target))
+
+
+class _EpochTicker:
+    """Advances the engine's epoch while any guest runs under a deadline, and only then."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._active = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def deadline(self, store: wasmtime.Store, timeout: float | None) -> _Deadline:
+        return _Deadline(self, store, timeout)
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._active += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="wasinn-epoch",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._active == 0 and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+            self._engine.increment_epoch()
+            threading.Event().wait(EPOCH_TICK_S)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+
+
+class _Deadline:
+    def __init__(self, ticker: _EpochTicker, store: wasmtime.Store, timeout: float | None) -> None:
+        self._ticker = ticker
+        self._store = store
+        self._timeout = timeout
+
+    def __enter__(self) -> None:
+        if self._timeout is not None:
+            ticks = max(1, round(self._timeout / EPOCH_TICK_S))
+            self._store.set_epoch_deadline(ticks)
+            self._ticker._enter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timeout is not None:
+            self._ticker._leave()
