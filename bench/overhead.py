@@ -1,0 +1,379 @@
+"""What running inference through a wasm guest costs over calling onnxruntime from Python.
+
+    python bench/overhead.py [--rounds N] [--iters N] [--classifier-iters N] [--warmup N]
+                             [--threads N] [--quick]
+
+Two models: a tiny one (identity, f32 [1,16]: the run is almost all glue) and the real
+classifier of examples/classify (EfficientNet-Lite0, f32 [1,3,224,224] -> [1,1000]).
+For each, the same work per inference is timed on two sides:
+
+* direct: ``session.run(None, {name: array})`` from Python;
+* guest:  one call of the reactor guest's ``bench_run(n, ...)`` (guests/bench.c), which does
+  n x (set_input(0) + compute + get_output(0)) inside wasm; time / n per inference, so the
+  Python -> wasm call is amortized and what remains is the wasi-nn glue.
+
+Both sides run on the very same onnxruntime session (the host's own, made by its onnx backend
+with its SessionOptions): the two differ only by the glue, not by thread pools or memory
+placement. After explicit warm-up rounds, the sides alternate in rounds (A B, B A, A B, ...) so
+machine noise and ordering hit both alike; each round gives one time per inference per side.
+Reported: the median over rounds of each side, ratio = guest / direct, and the fixed cost
+= guest - direct in microseconds per inference (the tiny model measures it; on the
+classifier it shows the copies of bigger tensors too).
+
+Set-up (skipped when up to date): guests are built into build/guests, the tiny model is written
+to build/bench, the classifier is made by examples/classify/prepare.py into build/example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnxruntime as ort
+import wasmtime
+
+from wasinn.backends.onnx import OnnxGraph
+from wasinn.host import Host
+from wasinn.registry import ModelSpec
+from wasinn.tensor import ExecutionTarget, GraphEncoding, TensorType
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS_OUT = ROOT / "build" / "guests"
+MODELS_OUT = ROOT / "build" / "bench"
+EXAMPLE_OUT = ROOT / "build" / "example"
+CLASSIFIER = EXAMPLE_OUT / "efficientnet-lite0" / "model.onnx"
+IMAGE = EXAMPLE_OUT / "chelsea.ppm"
+
+TINY_SHAPE = (1, 16)
+#: the targets of the issue: the classifier through a guest within 3% of direct onnxruntime,
+#: and at most 40 us of glue per set_input + compute + get_output
+TARGET_RATIO = 1.03
+TARGET_FIXED_US = 40.0
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+def _load_file(name: str, path: Path) -> ModuleType:
+    """Import a script of this repository that is not in a package (guests/, examples/)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_bench_guest() -> Path:
+    builder = _load_file("wasinn_bench_guest_build", ROOT / "guests" / "build.py")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return builder.build_guests(GUESTS_OUT, ["bench"])["bench"]
+
+
+def make_tiny_model(path: Path) -> Path:
+    """y = x over float32 TINY_SHAPE: onnxruntime does next to nothing, so the glue shows."""
+    if path.exists():
+        return path
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(TINY_SHAPE))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(TINY_SHAPE))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_classifier() -> None:
+    """examples/classify/prepare.py into build/example (it skips what exists)."""
+    if CLASSIFIER.exists() and IMAGE.exists():
+        return
+    cmd = [sys.executable, str(ROOT / "examples" / "classify" / "prepare.py"), str(EXAMPLE_OUT)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout}{proc.stderr}")
+
+
+def classifier_input() -> np.ndarray:
+    reference = _load_file("wasinn_bench_reference", ROOT / "examples" / "classify" / "reference.py")
+    array: np.ndarray = reference.preprocess(IMAGE)
+    return array
+
+
+# --- the two sides ---------------------------------------------------------------------------
+
+
+#: runs n inferences and answers the seconds they took
+Side = Callable[[int], float]
+
+
+class GuestRunner:
+    """One instance of guests/bench.c with its context set up and its input in its memory."""
+
+    def __init__(self, host: Host, module: wasmtime.Module, model: str, array: np.ndarray,
+                 output_bytes: int) -> None:
+        self.host = host
+        self.store = wasmtime.Store(host.engine)
+        self.state = host.add_to_store(self.store)
+        instance = host.linker(wasi=False).instantiate(self.store, module)
+        exports = instance.exports(self.store)
+        memory = exports["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        self.memory = memory
+        self._func(exports, "_initialize")(self.store)
+        alloc = self._func(exports, "bench_alloc")
+        name = model.encode()
+        dims = np.asarray(array.shape, dtype="<u4").tobytes()
+        data = np.ascontiguousarray(array).tobytes()
+        name_ptr = self._put(alloc, name)
+        dims_ptr = self._put(alloc, dims)
+        in_ptr = self._put(alloc, data)
+        self.out_ptr = self._alloc(alloc, output_bytes)
+        self.output_bytes = output_bytes
+        self._check(self._func(exports, "bench_setup")(self.store, name_ptr, len(name)),
+                    "bench_setup")
+        self._run = self._func(exports, "bench_run")
+        tensor_type = int(TensorType.from_dtype(array.dtype))
+        self._args = (in_ptr, len(data), dims_ptr, len(array.shape), tensor_type, self.out_ptr,
+                      output_bytes)
+
+    @staticmethod
+    def _func(exports: wasmtime.InstanceExports, name: str) -> wasmtime.Func:
+        func = exports[name]
+        assert isinstance(func, wasmtime.Func), name
+        return func
+
+    def _alloc(self, alloc: wasmtime.Func, size: int) -> int:
+        ptr = alloc(self.store, size)
+        assert isinstance(ptr, int)
+        if ptr == 0:
+            raise MemoryError(f"bench_alloc({size}) failed in the guest")
+        return ptr
+
+    def _put(self, alloc: wasmtime.Func, data: bytes) -> int:
+        ptr = self._alloc(alloc, max(len(data), 1))
+        self.memory.write(self.store, data, ptr)
+        return ptr
+
+    def _check(self, errno: object, what: str) -> None:
+        if errno != 0:
+            raise RuntimeError(f"guest {what} answered errno {errno}: {self.state.last_error}")
+
+    def __call__(self, n: int) -> float:
+        run, store, args = self._run, self.store, self._args
+        start = time.perf_counter()
+        errno = run(store, n, *args)
+        elapsed = time.perf_counter() - start
+        self._check(errno, "bench_run")
+        return elapsed
+
+    def output(self) -> bytes:
+        return bytes(self.memory.read(self.store, self.out_ptr, self.out_ptr + self.output_bytes))
+
+
+def direct_side(session: ort.InferenceSession, array: np.ndarray) -> Side:
+    feeds = {session.get_inputs()[0].name: array}
+
+    def run(n: int) -> float:
+        session_run = session.run
+        start = time.perf_counter()
+        for _ in range(n):
+            session_run(None, feeds)
+        return time.perf_counter() - start
+
+    return run
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    shape: tuple[int, ...]
+    iters: int
+    direct: list[float]  # seconds per inference, one per round
+    guest: list[float]
+
+    @property
+    def direct_s(self) -> float:
+        return statistics.median(self.direct)
+
+    @property
+    def guest_s(self) -> float:
+        return statistics.median(self.guest)
+
+    @property
+    def ratio(self) -> float:
+        return self.guest_s / self.direct_s
+
+    @property
+    def fixed_us(self) -> float:
+        return (self.guest_s - self.direct_s) * 1e6
+
+    @property
+    def noise_us(self) -> float:
+        """Half the interquartile range of the per-round differences guest - direct."""
+        diffs = [g - d for g, d in zip(self.guest, self.direct)]
+        if len(diffs) < 4:
+            return float("nan")
+        q1, _, q3 = statistics.quantiles(diffs, n=4)
+        return (q3 - q1) / 2 * 1e6
+
+
+def measure(model: str, shape: tuple[int, ...], direct: Side, guest: Side, iters: int,
+            rounds: int, warmup: int) -> Result:
+    """Warm both sides up, then alternate them round by round (A B, B A, ...)."""
+    for _ in range(warmup):
+        direct(iters)
+        guest(iters)
+    direct_times: list[float] = []
+    guest_times: list[float] = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            d = direct(iters)
+            g = guest(iters)
+        else:
+            g = guest(iters)
+            d = direct(iters)
+        direct_times.append(d / iters)
+        guest_times.append(g / iters)
+    return Result(model, shape, iters, direct_times, guest_times)
+
+
+def bench_model(host: Host, module: wasmtime.Module, name: str, array: np.ndarray, iters: int,
+                rounds: int, warmup: int) -> tuple[Result, float]:
+    """Also answers the cost of one Python -> wasm call of bench_run (n = 0), in seconds."""
+    graph = host.registry.get(name)
+    assert isinstance(graph, OnnxGraph)
+    session = graph.session  # the host's own session: same options, same thread pool
+    (expected,) = session.run(None, {session.get_inputs()[0].name: array})
+    expected = np.ascontiguousarray(expected)
+    guest = GuestRunner(host, module, name, array, expected.nbytes)
+    guest(1)
+    got = np.frombuffer(guest.output(), dtype=expected.dtype).reshape(expected.shape)
+    if not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        raise SystemExit(f"{name}: the guest's output differs from onnxruntime's")
+    result = measure(name, tuple(array.shape), direct_side(session, array), guest, iters, rounds,
+                     warmup)
+    call_s = statistics.median(guest(0) for _ in range(max(rounds, 5)))
+    return result, call_s
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f}"
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "f32[" + ",".join(map(str, shape)) + "]"
+
+
+def report(results: list[Result], call_s: dict[str, float], header: str) -> bool:
+    print(header)
+    rows = [("model", "input", "iters", "direct us", "guest us", "ratio", "fixed us", "+/- us")]
+    for r in results:
+        rows.append((r.model, _shape(r.shape), str(r.iters), _us(r.direct_s), _us(r.guest_s),
+                     f"{r.ratio:.3f}", f"{r.fixed_us:,.1f}", f"{r.noise_us:,.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths))]
+        print("  " + "  ".join(cells))
+    calls = ", ".join(f"{name} {_us(s)} us" for name, s in call_s.items())
+    print(f"  (medians per inference over rounds; +/- is half the IQR of guest - direct per round;"
+          f"\n   one Python -> wasm bench_run call, amortized over iters: {calls})")
+    by_name = {r.model: r for r in results}
+    checks = [
+        (f"classifier ratio <= {TARGET_RATIO:.2f}", f"{by_name['classifier'].ratio:.3f}",
+         by_name["classifier"].ratio <= TARGET_RATIO),
+        (f"fixed cost (tiny) <= {TARGET_FIXED_US:.0f} us", f"{by_name['tiny'].fixed_us:.1f} us",
+         by_name["tiny"].fixed_us <= TARGET_FIXED_US),
+    ]
+    print("targets:")
+    for what, value, ok in checks:
+        print(f"  {what:<28} {value:>10}  {'PASS' if ok else 'MISS'}")
+    return all(ok for _, _, ok in checks)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=31,
+                        help="timed rounds per model, guest and direct alternating (default 31)")
+    parser.add_argument("--iters", type=int, default=2000,
+                        help="inferences per round on the tiny model (default 2000)")
+    parser.add_argument("--classifier-iters", type=int, default=5,
+                        help="inferences per round on the classifier (default 5)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed rounds per side before timing (default 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op threads, both sides (default: its own)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: 5 rounds, 200 + 1 iters, 1 warm-up round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.iters, args.classifier_iters, args.warmup = 5, 200, 1, 1
+    for option in ("rounds", "iters", "classifier_iters"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--warmup must be >= 0 and --threads >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    guest_wasm = build_bench_guest()
+    tiny = make_tiny_model(MODELS_OUT / "tiny" / "model.onnx")
+    prepare_classifier()
+
+    specs = [ModelSpec("tiny", GraphEncoding.ONNX, ExecutionTarget.CPU, (tiny,)),
+             ModelSpec("classifier", GraphEncoding.ONNX, ExecutionTarget.CPU, (CLASSIFIER,))]
+    host = Host(models=specs, threads=args.threads, module_cache=False)
+    try:
+        module = host.compile(guest_wasm)
+        plan = [("tiny", np.random.default_rng(0).standard_normal(TINY_SHAPE, dtype=np.float32),
+                 args.iters),
+                ("classifier", classifier_input(), args.classifier_iters)]
+        results: list[Result] = []
+        call_s: dict[str, float] = {}
+        for name, array, iters in plan:
+            result, call_s[name] = bench_model(host, module, name, array, iters, args.rounds,
+                                               args.warmup)
+            results.append(result)
+    finally:
+        host.close()
+
+    threads = "onnxruntime default" if args.threads is None else str(args.threads)
+    header = (f"wasinn guest vs direct onnxruntime {ort.__version__} (CPU, threads: {threads}, "
+              f"{os.cpu_count()} CPUs): {args.rounds} rounds, {args.warmup} warm-up")
+    report(results, call_s, header)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

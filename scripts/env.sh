@@ -1,0 +1,13 @@
+# Create or refresh the project's virtual environment (.venv) and activate it. Sourced by
+# scripts/demo.sh and scripts/test.sh; pip only installs what changed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-python3}"
+if [ ! -x "$root/.venv/bin/python" ]; then
+    "$python" -m venv "$root/.venv"
+fi
+# shellcheck disable=SC1091
+. "$root/.venv/bin/activate"
+python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24,<27" 2>&1 | grep -v '^WARNING: Location' || true
+python -m pip install --quiet --disable-pip-version-check -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' || true
+python -c "import wasinn, onnxruntime, torch, ziglang" # fail here, not later, if an install broke
