@@ -1,0 +1,43 @@
+"""The real pretrained classifier end to end: the guest's top-5 equals onnxruntime's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from wasinn import Host
+
+LINE = re.compile(r"^(\d): (.+) \(class (\d+), p=([0-9.]+)\)$")
+
+
+def parse_top5(text: str) -> list[tuple[int, float, str]]:
+    rows = []
+    for rank, line in enumerate(text.splitlines(), 1):
+        match = LINE.match(line)
+        assert match, line
+        assert int(match[1]) == rank
+        rows.append((int(match[3]), float(match[4]), match[2]))
+    assert len(rows) == 5
+    return rows
+
+
+@pytest.mark.parametrize("load", ["by-name", "by-bytes"])
+def test_classifier_matches_onnxruntime(load: str, guests: dict[str, Path], example_assets: Path,
+                                        reference, tmp_path: Path) -> None:
+    model = example_assets / "efficientnet-lite0" / "model.onnx"
+    host = Host(models=[f"efficientnet-lite0:onnx:cpu:{model}"], module_cache=tmp_path)
+    model_arg = "efficientnet-lite0" if load == "by-name" else "/data/efficientnet-lite0/model.onnx"
+    out: list[bytes] = []
+    code = host.run(guests["classify"], [model_arg, "/data/chelsea.ppm", "/data/imagenet_labels.txt"],
+                    dirs=[f"{example_assets}:/data"], stdout=out.append)
+    assert code == 0
+    got = parse_top5(b"".join(out).decode())
+    expected = reference.top5(model, example_assets / "chelsea.ppm",
+                              reference.load_labels(example_assets / "imagenet_labels.txt"))
+    assert [c for c, _, _ in got] == [c for c, _, _ in expected]
+    assert [label for _, _, label in got] == [label for _, _, label in expected]
+    for (_, p_guest, _), (_, p_ref, _) in zip(got, expected):
+        assert p_guest == pytest.approx(p_ref, abs=2e-4)
+    assert got[0][0] == 285 and got[0][2] == "Egyptian cat"
