@@ -3,7 +3,6 @@ wasmtime Linkers and Stores, its own or the embedder's."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import weakref
@@ -14,6 +13,7 @@ from pathlib import Path
 import wasmtime
 
 from .abi import Limits, NnState, WitxAbi
+from .abi._raw import caller_store_key, store_key
 from .backends import Backends
 from .errors import BackendError
 from .modcache import ModuleCache
@@ -98,7 +98,7 @@ class Host:
     def add_to_store(self, store: wasmtime.Store) -> NnState:
         """Give `store` its own wasi-nn handles and this host's limits. Call once per Store."""
         state = NnState(self.registry, self.backends, self.limits)
-        key = _store_key(store)
+        key = store_key(store)
         self._states[key] = state
         weakref.finalize(store, self._forget, key, state)
         if self.max_memory is not None:
@@ -112,8 +112,8 @@ class Host:
             del self._states[key]
         state.close()
 
-    def _state_of(self, caller: wasmtime.Caller) -> NnState:
-        state = self._states.get(ctypes.addressof(caller._context().contents))
+    def _state_of(self, caller: int) -> NnState:
+        state = self._states.get(caller_store_key(caller))
         if state is None:
             raise BackendError("this Store was not given to Host.add_to_store")
         return state
@@ -180,7 +180,7 @@ class Host:
                 raise GuestTimeout(f"the guest ran past its {timeout} s deadline") from None
             raise
         finally:
-            self._forget(_store_key(store), self._states.get(_store_key(store)) or _NO_STATE)
+            self._forget(store_key(store), self._states.get(store_key(store)) or _NO_STATE)
         return 0
 
     def close(self) -> None:
@@ -189,10 +189,6 @@ class Host:
 
 
 _NO_STATE = object()
-
-
-def _store_key(store: wasmtime.Store) -> int:
-    return ctypes.addressof(store._context().contents)
 
 
 def _set_input(wasi: wasmtime.WasiConfig, stdin: str | os.PathLike[str] | None) -> None:

@@ -21,6 +21,7 @@ from ..backends import Backends, ExecutionContext, Graph
 from ..errors import Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
 from ..registry import Registry
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
+from ._raw import caller_memory, define_i32_func
 
 MODULE = "wasi_ephemeral_nn"
 log = logging.getLogger("wasinn")
@@ -89,16 +90,16 @@ class NnState:
 
 
 class GuestMemory:
-    """Bounds-checked access to the calling instance's exported `memory`, valid for one call."""
+    """Bounds-checked access to the calling instance's exported `memory`, valid for one call
+    (memory may grow, and move, once the guest runs again)."""
 
     __slots__ = ("base", "size")
 
-    def __init__(self, caller: wasmtime.Caller) -> None:
-        memory = caller.get("memory")
-        if not isinstance(memory, wasmtime.Memory):
+    def __init__(self, caller: int) -> None:
+        found = caller_memory(caller)
+        if found is None:
             raise MissingMemory("the guest exports no memory named 'memory'")
-        self.base: int = ctypes.addressof(memory.data_ptr(caller).contents)
-        self.size: int = memory.data_len(caller)
+        self.base, self.size = found
 
     def check(self, ptr: int, length: int) -> int:
         """The host address of guest bytes [ptr, ptr+length), or invalid_argument."""
@@ -127,18 +128,19 @@ class GuestMemory:
         return array
 
 
-StateLookup = Callable[[wasmtime.Caller], NnState]
+#: the wasi-nn state of the store a call comes from, by the caller's address
+StateLookup = Callable[[int], NnState]
 
 
 class WitxAbi:
-    """The host functions of `wasi_ephemeral_nn`, each `(caller, *u32) -> errno`."""
+    """The host functions of `wasi_ephemeral_nn`, each `(caller address, *u32) -> errno`."""
 
     def __init__(self, state_of: StateLookup) -> None:
         self._state_of = state_of
 
     # --- graphs ---------------------------------------------------------------------------
 
-    def load(self, caller: wasmtime.Caller, builders_ptr: int, builders_len: int,
+    def load(self, caller: int, builders_ptr: int, builders_len: int,
              encoding: int, target: int, graph_out: int) -> int:
         state = self._state_of(caller)
         mem = GuestMemory(caller)
@@ -153,15 +155,15 @@ class WitxAbi:
         mem.write_u32(graph_out, handle)
         return 0
 
-    def load_by_name(self, caller: wasmtime.Caller, name_ptr: int, name_len: int,
+    def load_by_name(self, caller: int, name_ptr: int, name_len: int,
                      graph_out: int) -> int:
         return self._load_by_name(caller, name_ptr, name_len, None, graph_out)
 
-    def load_by_name_with_config(self, caller: wasmtime.Caller, name_ptr: int, name_len: int,
+    def load_by_name_with_config(self, caller: int, name_ptr: int, name_len: int,
                                  config_ptr: int, config_len: int, graph_out: int) -> int:
         return self._load_by_name(caller, name_ptr, name_len, (config_ptr, config_len), graph_out)
 
-    def _load_by_name(self, caller: wasmtime.Caller, name_ptr: int, name_len: int,
+    def _load_by_name(self, caller: int, name_ptr: int, name_len: int,
                       config: tuple[int, int] | None, graph_out: int) -> int:
         state = self._state_of(caller)
         mem = GuestMemory(caller)
@@ -187,7 +189,7 @@ class WitxAbi:
         mem.write_u32(graph_out, handle)
         return 0
 
-    def unload(self, caller: wasmtime.Caller, graph: int) -> int:
+    def unload(self, caller: int, graph: int) -> int:
         state = self._state_of(caller)
         state.graph(graph)
         del state.graphs[graph]
@@ -198,7 +200,7 @@ class WitxAbi:
 
     # --- execution contexts ---------------------------------------------------------------
 
-    def init_execution_context(self, caller: wasmtime.Caller, graph: int, ctx_out: int) -> int:
+    def init_execution_context(self, caller: int, graph: int, ctx_out: int) -> int:
         state = self._state_of(caller)
         mem = GuestMemory(caller)
         model = state.graph(graph)
@@ -212,14 +214,14 @@ class WitxAbi:
         mem.write_u32(ctx_out, handle)
         return 0
 
-    def finalize_execution_context(self, caller: wasmtime.Caller, ctx: int) -> int:
+    def finalize_execution_context(self, caller: int, ctx: int) -> int:
         state = self._state_of(caller)
         context = state.context(ctx)
         del state.contexts[ctx]
         context.close()
         return 0
 
-    def set_input(self, caller: wasmtime.Caller, ctx: int, index: int, tensor_ptr: int) -> int:
+    def set_input(self, caller: int, ctx: int, index: int, tensor_ptr: int) -> int:
         state = self._state_of(caller)
         entry = state.contexts.get(ctx)
         if entry is None:
@@ -251,27 +253,27 @@ class WitxAbi:
         context.set_input(index, Tensor(dims, tensor_type, data))
         return 0
 
-    def compute(self, caller: wasmtime.Caller, ctx: int) -> int:
+    def compute(self, caller: int, ctx: int) -> int:
         self._state_of(caller).context(ctx).compute()
         return 0
 
-    def get_output(self, caller: wasmtime.Caller, ctx: int, index: int, out_ptr: int,
+    def get_output(self, caller: int, ctx: int, index: int, out_ptr: int,
                    out_max: int, written_out: int) -> int:
         context = self._state_of(caller).context(ctx)
         return _write_output(GuestMemory(caller), context.get_output(index), out_ptr, out_max,
                              written_out)
 
-    def compute_single(self, caller: wasmtime.Caller, ctx: int) -> int:
+    def compute_single(self, caller: int, ctx: int) -> int:
         self._state_of(caller).context(ctx).compute_single()
         return 0
 
-    def get_output_single(self, caller: wasmtime.Caller, ctx: int, index: int, out_ptr: int,
+    def get_output_single(self, caller: int, ctx: int, index: int, out_ptr: int,
                           out_max: int, written_out: int) -> int:
         context = self._state_of(caller).context(ctx)
         return _write_output(GuestMemory(caller), context.get_output_single(index), out_ptr,
                              out_max, written_out)
 
-    def fini_single(self, caller: wasmtime.Caller, ctx: int) -> int:
+    def fini_single(self, caller: int, ctx: int) -> int:
         self._state_of(caller).context(ctx).fini_single()
         return 0
 
@@ -293,20 +295,17 @@ class WitxAbi:
     }
 
     def add_to_linker(self, linker: wasmtime.Linker) -> None:
-        i32 = wasmtime.ValType.i32()
         for name, arity in self.FUNCTIONS.items():
-            ty = wasmtime.FuncType([i32] * arity, [i32])
-            linker.define_func(MODULE, name, ty, self._guarded(name), access_caller=True)
+            define_i32_func(linker, MODULE, name, arity, self._guarded(name))
 
     def _guarded(self, name: str) -> Callable[..., int]:
         """Wrap one host function: unsigned arguments in, an errno out, whatever happens."""
         method = getattr(self, name)
         state_of = self._state_of
 
-        def call(caller: wasmtime.Caller, *args: int) -> int:
+        def call(caller: int, *args: int) -> int:
             try:
-                # wasmtime-py hands i32 parameters over signed; the ABI means u32
-                return method(caller, *[a & 0xFFFFFFFF for a in args])
+                return method(caller, *args)
             except WasiNnError as e:
                 _record(state_of, caller, name, e, e.errno)
                 return int(e.errno)
@@ -318,7 +317,7 @@ class WitxAbi:
         return call
 
 
-def _record(state_of: StateLookup, caller: wasmtime.Caller, name: str, error: Exception,
+def _record(state_of: StateLookup, caller: int, name: str, error: Exception,
             errno: Errno) -> None:
     message = f"{name}: {error} (errno {int(errno)} {errno.name.lower()})"
     try:
