@@ -74,6 +74,7 @@ class Host:
         self._abi = WitxAbi(self._state_of)
         self._states: dict[int, NnState] = {}
         self._ticker = _EpochTicker(engine)
+        self._run_linker: wasmtime.Linker | None = None  # store-independent, so made once
 
     # --- models ---------------------------------------------------------------------------
 
@@ -96,7 +97,11 @@ class Host:
         self._abi.add_to_linker(linker)
 
     def add_to_store(self, store: wasmtime.Store) -> NnState:
-        """Give `store` its own wasi-nn handles and this host's limits. Call once per Store."""
+        """Give `store` its own wasi-nn handles and this host's limits. Call once per Store.
+
+        Every Store on `host.engine` needs this (or comes from `host.store()`): the engine
+        runs with epoch interruption for timeouts, and this also sets the store's deadline.
+        """
         state = NnState(self.registry, self.backends, self.limits)
         key = store_key(store)
         self._states[key] = state
@@ -163,8 +168,12 @@ class Host:
         _set_input(wasi, stdin)
         _set_output(wasi, "stdout", stdout)
         _set_output(wasi, "stderr", stderr)
-        store = self.store(wasi)
-        linker = self.linker()
+        store = wasmtime.Store(self.engine)
+        store.set_wasi(wasi)
+        state = self.add_to_store(store)
+        if self._run_linker is None:
+            self._run_linker = self.linker()
+        linker = self._run_linker
         timeout = self.timeout if timeout is None else timeout
         try:
             with self._ticker.deadline(store, timeout):
@@ -180,15 +189,12 @@ class Host:
                 raise GuestTimeout(f"the guest ran past its {timeout} s deadline") from None
             raise
         finally:
-            self._forget(store_key(store), self._states.get(store_key(store)) or _NO_STATE)
+            self._forget(store_key(store), state)
         return 0
 
     def close(self) -> None:
         self._ticker.stop()
         self.registry.close()
-
-
-_NO_STATE = object()
 
 
 def _set_input(wasi: wasmtime.WasiConfig, stdin: str | os.PathLike[str] | None) -> None:
