@@ -18,7 +18,8 @@ from wasinn.host import Host
 
 U32_MAX = 0xFFFFFFFF
 
-#: the witx `tensor` struct: dims_ptr, dims_len, type (one byte, 3 bytes padding), data_ptr, data_len
+#: the witx `tensor` struct: dims_ptr, dims_len, type (one byte + 3 bytes padding), data_ptr,
+#: data_len
 TENSOR = struct.Struct("<IIB3xII")
 BUILDER = struct.Struct("<II")
 

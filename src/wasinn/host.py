@@ -108,7 +108,7 @@ class Host:
         weakref.finalize(store, self._forget, key, state)
         if self.max_memory is not None:
             store.set_limits(memory_size=self.max_memory)
-        # with epoch interruption on, a store without a deadline would stop at the first tick
+        # with epoch interruption on, a store's deadline starts at 0: it would stop at once
         store.set_epoch_deadline(1 << 62)
         return state
 

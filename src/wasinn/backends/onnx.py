@@ -78,6 +78,9 @@ class OnnxGraph:
         self.inputs = session.get_inputs()
         self.input_names = [i.name for i in self.inputs]
         self.input_dtypes = [np.dtype(_ORT_DTYPES.get(i.type, np.float32)) for i in self.inputs]
+        # fixed dims per input; None where the model leaves a dim symbolic
+        self.input_shapes = [[d if isinstance(d, int) else None for d in i.shape]
+                             for i in self.inputs]
         self.output_names = [o.name for o in session.get_outputs()]
 
     def input_dtype(self, index: int) -> np.dtype | None:
@@ -107,7 +110,16 @@ class OnnxContext(NotStreaming):
         if tensor.data.dtype != expected:
             raise InvalidArgument(f"input {index} ({graph.input_names[index]}) expects "
                                   f"{expected}, got {tensor.data.dtype}")
-        self._feeds[graph.input_names[index]] = tensor.data.reshape(tensor.dims)
+        shape = graph.input_shapes[index]
+        if len(shape) != len(tensor.dims) or any(
+                want is not None and want != got for want, got in zip(shape, tensor.dims)):
+            wanted = ["?" if d is None else d for d in shape]
+            raise InvalidArgument(f"input {index} ({graph.input_names[index]}) expects dims "
+                                  f"{wanted}, got {list(tensor.dims)}")
+        try:
+            self._feeds[graph.input_names[index]] = tensor.data.reshape(tensor.dims)
+        except ValueError as e:
+            raise InvalidArgument(f"input {index}: dims {list(tensor.dims)}: {e}") from None
 
     def compute(self) -> None:
         graph = self._graph
