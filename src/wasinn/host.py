@@ -13,9 +13,8 @@ from pathlib import Path
 import wasmtime
 
 from .abi import Limits, NnState, WitxAbi
-from .abi._raw import caller_store_key, store_key
+from .abi._raw import store_key
 from .backends import Backends
-from .errors import BackendError
 from .modcache import ModuleCache
 from .registry import ModelSpec, Progress, Registry
 
@@ -71,8 +70,8 @@ class Host:
         self.limits = Limits() if max_tensor_bytes is None else Limits(max_tensor_bytes)
         cache_dir = None if isinstance(module_cache, bool) else Path(module_cache)
         self.modules = ModuleCache(engine, cache_dir, enabled=module_cache is not False)
-        self._abi = WitxAbi(self._state_of)
         self._states: dict[int, NnState] = {}
+        self._abi = WitxAbi(self._states.get)
         self._ticker = _EpochTicker(engine)
         self._run_linker: wasmtime.Linker | None = None  # store-independent, so made once
 
@@ -116,12 +115,6 @@ class Host:
         if self._states.get(key) is state:
             del self._states[key]
         state.close()
-
-    def _state_of(self, caller: int) -> NnState:
-        state = self._states.get(caller_store_key(caller))
-        if state is None:
-            raise BackendError("this Store was not given to Host.add_to_store")
-        return state
 
     def linker(self, wasi: bool = True) -> wasmtime.Linker:
         """A new Linker with WASI preview1 (if asked) and wasi-nn."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -115,6 +117,7 @@ def tensor_type_candidates(code: int) -> tuple[TensorType, ...]:
     return tuple(found)
 
 
+@functools.lru_cache(maxsize=1024)  # a guest sets the same kind of tensor again and again
 def resolve_tensor_type(code: int, dims: tuple[int, ...], data_len: int,
                         expected: np.dtype | None = None) -> TensorType:
     """Tell the two numberings apart by the dtype the graph expects and the byte length.
@@ -125,9 +128,7 @@ def resolve_tensor_type(code: int, dims: tuple[int, ...], data_len: int,
     candidates = tensor_type_candidates(code)
     if not candidates:
         raise InvalidArgument(f"unknown tensor type {code}")
-    count = 1
-    for d in dims:
-        count *= d
+    count = math.prod(dims)
 
     def fits(t: TensorType) -> bool:
         return count * t.dtype.itemsize == data_len

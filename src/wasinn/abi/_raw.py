@@ -71,23 +71,23 @@ def define_i32_func(linker: wasmtime.Linker, module: str, name: str, arity: int,
         raise wasmtime.WasmtimeError._from_ptr(error)
 
 
-def caller_store_key(caller: int) -> int:
-    """The address of the caller's store context: stable for the Store's life."""
+def caller_context(caller: int) -> int:
+    """The address of the caller's store context: stable for the Store's life, so it keys
+    per-store state (see `store_key`)."""
     return _caller_context(caller) or 0
 
 
-def caller_memory(caller: int) -> tuple[int, int] | None:
+def caller_memory(caller: int, context: int) -> tuple[int, int] | None:
     """(base address, size in bytes) of the caller's exported `memory`, or None."""
     item = ffi.wasmtime_extern_t()
     if not _caller_export_get(caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.addressof(item)):
         return None
     if item.kind != _EXTERN_MEMORY:
         return None
-    context = _caller_context(caller)
     memory = ctypes.addressof(item.of.memory)
     return _memory_data(context, memory) or 0, _memory_data_size(context, memory)
 
 
 def store_key(store: wasmtime.Store) -> int:
-    """The same key as `caller_store_key` gives inside a call from this store."""
+    """The same key as `caller_context` gives inside a call from this store."""
     return ctypes.cast(store._context(), _c).value or 0

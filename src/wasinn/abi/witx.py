@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +19,10 @@ import numpy as np
 import wasmtime
 
 from ..backends import Backends, ExecutionContext, Graph
-from ..errors import Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
+from ..errors import BackendError, Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
 from ..registry import Registry
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
-from ._raw import caller_memory, define_i32_func
+from ._raw import caller_context, caller_memory, define_i32_func
 
 MODULE = "wasi_ephemeral_nn"
 log = logging.getLogger("wasinn")
@@ -95,8 +96,8 @@ class GuestMemory:
 
     __slots__ = ("base", "size")
 
-    def __init__(self, caller: int) -> None:
-        found = caller_memory(caller)
+    def __init__(self, caller: int, context: int) -> None:
+        found = caller_memory(caller, context)
         if found is None:
             raise MissingMemory("the guest exports no memory named 'memory'")
         self.base, self.size = found
@@ -109,6 +110,7 @@ class GuestMemory:
         return self.base + ptr
 
     def read(self, ptr: int, length: int) -> bytes:
+        """Small structures (tensor headers, dims, names); tensor data goes through `array`."""
         return ctypes.string_at(self.check(ptr, length), length)
 
     def read_u32s(self, ptr: int, count: int) -> tuple[int, ...]:
@@ -117,33 +119,39 @@ class GuestMemory:
     def write_u32(self, ptr: int, value: int) -> None:
         ctypes.memmove(self.check(ptr, 4), _U32.pack(value), 4)
 
-    def copy_out(self, ptr: int, array: np.ndarray) -> None:
-        ctypes.memmove(self.check(ptr, array.nbytes), array.ctypes.data, array.nbytes)
+    def array(self, ptr: int, length: int, dtype: np.dtype) -> np.ndarray:
+        """A numpy view of guest bytes [ptr, ptr+length): no copy, valid for this call only."""
+        self.check(ptr, length)
+        if length == 0:
+            return np.empty(0, dtype)
+        # one ctypes type per memory size (page multiples), so the type cache stays small
+        whole = (ctypes.c_char * self.size).from_address(self.base)
+        return np.frombuffer(whole, dtype, length // dtype.itemsize, ptr)
 
     def copy_in(self, ptr: int, length: int, dtype: np.dtype) -> np.ndarray:
         """One copy from guest memory into a fresh array the guest can no longer touch."""
-        address = self.check(ptr, length)
-        array = np.empty(length // dtype.itemsize, dtype)
-        ctypes.memmove(array.ctypes.data, address, length)
-        return array
+        return self.array(ptr, length, dtype).copy()
+
+    def copy_out(self, ptr: int, array: np.ndarray) -> None:
+        """One copy of a C-contiguous array into guest memory."""
+        self.array(ptr, array.nbytes, array.dtype)[:] = array.reshape(-1)
 
 
-#: the wasi-nn state of the store a call comes from, by the caller's address
-StateLookup = Callable[[int], NnState]
+#: the wasi-nn state of a store, by its context address (None for a store never registered)
+StateLookup = Callable[[int], "NnState | None"]
 
 
 class WitxAbi:
-    """The host functions of `wasi_ephemeral_nn`, each `(caller address, *u32) -> errno`."""
+    """The host functions of `wasi_ephemeral_nn`, each `(state, call, *u32) -> errno`."""
 
     def __init__(self, state_of: StateLookup) -> None:
         self._state_of = state_of
 
     # --- graphs ---------------------------------------------------------------------------
 
-    def load(self, caller: int, builders_ptr: int, builders_len: int,
+    def load(self, state: NnState, call: _Call, builders_ptr: int, builders_len: int,
              encoding: int, target: int, graph_out: int) -> int:
-        state = self._state_of(caller)
-        mem = GuestMemory(caller)
+        mem = call.memory()
         if builders_len == 0 or builders_len > _MAX_BUILDERS:
             raise InvalidArgument(f"load takes 1..{_MAX_BUILDERS} builders, got {builders_len}")
         mem.check(graph_out, 4)
@@ -155,18 +163,17 @@ class WitxAbi:
         mem.write_u32(graph_out, handle)
         return 0
 
-    def load_by_name(self, caller: int, name_ptr: int, name_len: int,
+    def load_by_name(self, state: NnState, call: _Call, name_ptr: int, name_len: int,
                      graph_out: int) -> int:
-        return self._load_by_name(caller, name_ptr, name_len, None, graph_out)
+        return self._load_by_name(state, call, name_ptr, name_len, None, graph_out)
 
-    def load_by_name_with_config(self, caller: int, name_ptr: int, name_len: int,
+    def load_by_name_with_config(self, state: NnState, call: _Call, name_ptr: int, name_len: int,
                                  config_ptr: int, config_len: int, graph_out: int) -> int:
-        return self._load_by_name(caller, name_ptr, name_len, (config_ptr, config_len), graph_out)
+        return self._load_by_name(state, call, name_ptr, name_len, (config_ptr, config_len), graph_out)
 
-    def _load_by_name(self, caller: int, name_ptr: int, name_len: int,
+    def _load_by_name(self, state: NnState, call: _Call, name_ptr: int, name_len: int,
                       config: tuple[int, int] | None, graph_out: int) -> int:
-        state = self._state_of(caller)
-        mem = GuestMemory(caller)
+        mem = call.memory()
         if name_len > _MAX_NAME:
             raise InvalidArgument(f"model name longer than {_MAX_NAME} bytes")
         name = _utf8(mem.read(name_ptr, name_len), "model name")
@@ -189,8 +196,7 @@ class WitxAbi:
         mem.write_u32(graph_out, handle)
         return 0
 
-    def unload(self, caller: int, graph: int) -> int:
-        state = self._state_of(caller)
+    def unload(self, state: NnState, call: _Call, graph: int) -> int:
         state.graph(graph)
         del state.graphs[graph]
         for name, handle in list(state.graph_by_name.items()):
@@ -200,9 +206,8 @@ class WitxAbi:
 
     # --- execution contexts ---------------------------------------------------------------
 
-    def init_execution_context(self, caller: int, graph: int, ctx_out: int) -> int:
-        state = self._state_of(caller)
-        mem = GuestMemory(caller)
+    def init_execution_context(self, state: NnState, call: _Call, graph: int, ctx_out: int) -> int:
+        mem = call.memory()
         model = state.graph(graph)
         mem.check(ctx_out, 4)
         if len(state.contexts) >= state.limits.max_contexts:
@@ -214,20 +219,18 @@ class WitxAbi:
         mem.write_u32(ctx_out, handle)
         return 0
 
-    def finalize_execution_context(self, caller: int, ctx: int) -> int:
-        state = self._state_of(caller)
+    def finalize_execution_context(self, state: NnState, call: _Call, ctx: int) -> int:
         context = state.context(ctx)
         del state.contexts[ctx]
         context.close()
         return 0
 
-    def set_input(self, caller: int, ctx: int, index: int, tensor_ptr: int) -> int:
-        state = self._state_of(caller)
+    def set_input(self, state: NnState, call: _Call, ctx: int, index: int, tensor_ptr: int) -> int:
         entry = state.contexts.get(ctx)
         if entry is None:
             raise InvalidArgument(f"no execution context with handle {ctx}")
         context, graph = entry
-        mem = GuestMemory(caller)
+        mem = call.memory()
         dims_ptr, dims_len, type_code, data_ptr, data_len = _TENSOR.unpack(
             mem.read(tensor_ptr, _TENSOR.size))
         if dims_len > _MAX_DIMS:
@@ -243,9 +246,7 @@ class WitxAbi:
             context.set_input(index, Tensor(dims, TensorType.U8, data))
             return 0
         tensor_type = resolve_tensor_type(type_code, dims, data_len, expected)
-        count = 1
-        for d in dims:
-            count *= d
+        count = math.prod(dims)
         if count * tensor_type.dtype.itemsize != data_len:
             raise InvalidArgument(f"tensor dims {list(dims)} of {tensor_type.name.lower()} need "
                                   f"{count * tensor_type.dtype.itemsize} bytes, data has {data_len}")
@@ -253,28 +254,28 @@ class WitxAbi:
         context.set_input(index, Tensor(dims, tensor_type, data))
         return 0
 
-    def compute(self, caller: int, ctx: int) -> int:
-        self._state_of(caller).context(ctx).compute()
+    def compute(self, state: NnState, call: _Call, ctx: int) -> int:
+        state.context(ctx).compute()
         return 0
 
-    def get_output(self, caller: int, ctx: int, index: int, out_ptr: int,
+    def get_output(self, state: NnState, call: _Call, ctx: int, index: int, out_ptr: int,
                    out_max: int, written_out: int) -> int:
-        context = self._state_of(caller).context(ctx)
-        return _write_output(GuestMemory(caller), context.get_output(index), out_ptr, out_max,
+        context = state.context(ctx)
+        return _write_output(call.memory(), context.get_output(index), out_ptr, out_max,
                              written_out)
 
-    def compute_single(self, caller: int, ctx: int) -> int:
-        self._state_of(caller).context(ctx).compute_single()
+    def compute_single(self, state: NnState, call: _Call, ctx: int) -> int:
+        state.context(ctx).compute_single()
         return 0
 
-    def get_output_single(self, caller: int, ctx: int, index: int, out_ptr: int,
+    def get_output_single(self, state: NnState, call: _Call, ctx: int, index: int, out_ptr: int,
                           out_max: int, written_out: int) -> int:
-        context = self._state_of(caller).context(ctx)
-        return _write_output(GuestMemory(caller), context.get_output_single(index), out_ptr,
+        context = state.context(ctx)
+        return _write_output(call.memory(), context.get_output_single(index), out_ptr,
                              out_max, written_out)
 
-    def fini_single(self, caller: int, ctx: int) -> int:
-        self._state_of(caller).context(ctx).fini_single()
+    def fini_single(self, state: NnState, call: _Call, ctx: int) -> int:
+        state.context(ctx).fini_single()
         return 0
 
     # --- wiring ---------------------------------------------------------------------------
@@ -303,34 +304,44 @@ class WitxAbi:
         method = getattr(self, name)
         state_of = self._state_of
 
-        def call(caller: int, *args: int) -> int:
+        def guarded(caller: int, *args: int) -> int:
+            context = caller_context(caller)
+            state = state_of(context)
             try:
-                return method(caller, *args)
-            except WasiNnError as e:
-                _record(state_of, caller, name, e, e.errno)
-                return int(e.errno)
-            except Exception as e:  # a backend's bug must not take the host down
-                _record(state_of, caller, name, e, Errno.RUNTIME_ERROR)
-                return int(Errno.RUNTIME_ERROR)
+                if state is None:
+                    raise BackendError("this Store was not given to Host.add_to_store")
+                return method(state, _Call(caller, context), *args)
+            except Exception as e:  # a backend's bug must not take the host down either
+                errno = e.errno if isinstance(e, WasiNnError) else Errno.RUNTIME_ERROR
+                message = f"{name}: {e} (errno {int(errno)} {errno.name.lower()})"
+                if state is not None:
+                    state.last_error = message
+                log.info("%s", message)
+                return int(errno)
 
-        call.__name__ = name
-        return call
+        guarded.__name__ = name
+        return guarded
 
 
-def _record(state_of: StateLookup, caller: int, name: str, error: Exception,
-            errno: Errno) -> None:
-    message = f"{name}: {error} (errno {int(errno)} {errno.name.lower()})"
-    try:
-        state_of(caller).last_error = message
-    except WasiNnError:
-        pass
-    log.info("%s", message)
+class _Call:
+    """What one host call knows of its caller; guest memory is looked up only when needed."""
+
+    __slots__ = ("caller", "context")
+
+    def __init__(self, caller: int, context: int) -> None:
+        self.caller = caller
+        self.context = context
+
+    def memory(self) -> GuestMemory:
+        return GuestMemory(self.caller, self.context)
 
 
 def _write_output(mem: GuestMemory, array: np.ndarray, out_ptr: int, out_max: int,
                   written_out: int) -> int:
     """Copy an output to the guest; when it does not fit, still say how many bytes it needs."""
     mem.check(written_out, 4)
+    if array.dtype.hasobject:  # e.g. ONNX string tensors: host pointers must never cross
+        raise BackendError(f"an output of dtype {array.dtype} cannot be handed to a guest")
     needed = array.nbytes
     if needed > out_max:
         mem.write_u32(written_out, needed)
