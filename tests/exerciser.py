@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import wasmtime
 
-from wasinn.abi import NnState
+from wasinn.abi import NnState, WitxAbi
 from wasinn.host import Host
 
 U32_MAX = 0xFFFFFFFF
@@ -23,21 +23,9 @@ U32_MAX = 0xFFFFFFFF
 TENSOR = struct.Struct("<IIB3xII")
 BUILDER = struct.Struct("<II")
 
-#: every ex_* export and its arity (the same as the import it forwards to)
-FUNCTIONS: dict[str, int] = {
-    "load": 5,
-    "load_by_name": 3,
-    "load_by_name_with_config": 5,
-    "init_execution_context": 2,
-    "set_input": 3,
-    "compute": 1,
-    "get_output": 5,
-    "compute_single": 1,
-    "get_output_single": 5,
-    "fini_single": 1,
-    "unload": 1,
-    "finalize_execution_context": 1,
-}
+#: every ex_* export and its arity: the same as the import it forwards to (the guest's own
+#: import declarations are the independent check: linking fails if an arity differs)
+FUNCTIONS: dict[str, int] = WitxAbi.FUNCTIONS
 
 ENCODING_ONNX = 1
 TARGET_CPU = 0
