@@ -65,3 +65,23 @@ class NotFound(WasiNnError):
 
 class ConfigError(ValueError):
     """Bad host configuration (CLI flags, config file, preload specs): the user's mistake, not a guest's."""
+
+
+class EndOfSequence(WasiNnError):
+    """WasmEdge GGML: the stream has ended (compute_single)."""
+
+    errno = Errno.END_OF_SEQUENCE
+
+
+class ContextFull(WasiNnError):
+    errno = Errno.CONTEXT_FULL
+
+
+class PromptTooLong(WasiNnError):
+    errno = Errno.PROMPT_TOO_LONG
+
+
+class ModelNotFound(WasiNnError):
+    """WasmEdge GGML: a registered model whose file cannot be opened."""
+
+    errno = Errno.MODEL_NOT_FOUND

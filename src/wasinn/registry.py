@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import Backends, Graph, read_graph_dir
+from .backends import Backends, Graph, PathLoader, read_graph_dir
 from .errors import ConfigError, NotFound, WasiNnError
 from .tensor import ExecutionTarget, GraphEncoding
 
@@ -107,20 +107,24 @@ class Registry:
 
     def _load(self, spec: ModelSpec) -> Graph:
         backend = self._backends.get(spec.encoding)
+        # a file that cannot be opened: not_found, or the backend's own answer (GGML: 103)
+        missing: type[WasiNnError] = getattr(backend, "missing_model_error", NotFound)
         paths = list(spec.paths)
         try:
             if spec.directory is not None:
                 paths = read_graph_dir(backend, spec.directory)
             total = sum(p.stat().st_size for p in paths)
         except OSError as e:
-            raise NotFound(f"model {spec.name!r} cannot be read: {e}") from None
+            raise missing(f"model {spec.name!r} cannot be read: {e}") from None
+        if isinstance(backend, PathLoader):
+            return backend.load_paths(paths, spec.target)
         report = self._progress if self._progress and total >= self._progress_min_bytes else None
         builders = []
         try:
             for path in paths:
                 builders.append(self._read(spec.name, path, report, sum(map(len, builders)), total))
         except OSError as e:
-            raise NotFound(f"model {spec.name!r} cannot be read: {e}") from None
+            raise missing(f"model {spec.name!r} cannot be read: {e}") from None
         if report:
             report(spec.name, total, total, "build")
         graph = backend.load(builders, spec.target)

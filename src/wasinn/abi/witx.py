@@ -14,6 +14,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import wasmtime
@@ -56,6 +57,8 @@ class NnState:
     limits: Limits = field(default_factory=Limits)
     graphs: dict[int, Graph] = field(default_factory=dict)
     graph_by_name: dict[str, int] = field(default_factory=dict)
+    #: load_by_name_with_config's JSON, per graph handle: named graphs are shared, configs not
+    graph_configs: dict[int, dict[str, Any]] = field(default_factory=dict)
     contexts: dict[int, tuple[ExecutionContext, Graph]] = field(default_factory=dict)
     next_graph: int = 0
     next_context: int = 0
@@ -87,6 +90,7 @@ class NnState:
             ctx.close()
         self.contexts.clear()
         self.graphs.clear()
+        self.graph_configs.clear()
         self.graph_by_name.clear()
 
 
@@ -189,16 +193,15 @@ class WitxAbi:
             graph = state.registry.get(name)
             handle = state.add_graph(graph)
             state.graph_by_name[name] = handle
-        if settings:
-            configure = getattr(state.graphs[handle], "configure", None)
-            if configure is not None:
-                configure(settings)
+        if settings is not None:
+            state.graph_configs[handle] = settings  # a later config replaces an earlier one
         mem.write_u32(graph_out, handle)
         return 0
 
     def unload(self, state: NnState, call: _Call, graph: int) -> int:
         state.graph(graph)
         del state.graphs[graph]
+        state.graph_configs.pop(graph, None)
         for name, handle in list(state.graph_by_name.items()):
             if handle == graph:
                 del state.graph_by_name[name]
@@ -212,7 +215,7 @@ class WitxAbi:
         mem.check(ctx_out, 4)
         if len(state.contexts) >= state.limits.max_contexts:
             raise TooLarge(f"a guest may hold at most {state.limits.max_contexts} contexts")
-        ctx = model.init_execution_context()
+        ctx = model.init_execution_context(state.graph_configs.get(graph))
         handle = state.next_context
         state.next_context = (handle + 1) & 0xFFFFFFFF
         state.contexts[handle] = (ctx, model)

@@ -4,9 +4,9 @@ a backend loads graphs, a graph makes execution contexts, a context runs."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,7 +37,9 @@ class ExecutionContext(Protocol):
 class Graph(Protocol):
     """A loaded model; thread-safe, shared by every context made from it."""
 
-    def init_execution_context(self) -> ExecutionContext: ...
+    def init_execution_context(self, config: Mapping[str, Any] | None = None) -> ExecutionContext:
+        """A new context; `config` is what the guest passed to load_by_name_with_config."""
+        ...
 
     def input_dtype(self, index: int) -> np.dtype | None:
         """The dtype input `index` expects, or None when the graph does not say."""
@@ -53,6 +55,14 @@ class Backend(Protocol):
     graph_files: tuple[str, ...]
 
     def load(self, builders: Sequence[bytes | memoryview], target: ExecutionTarget) -> Graph: ...
+
+
+@runtime_checkable
+class PathLoader(Protocol):
+    """Optional: a backend whose framework opens model files itself (e.g. llama.cpp's mmap).
+    The registry then hands it paths instead of reading the bytes."""
+
+    def load_paths(self, paths: Sequence[Path], target: ExecutionTarget) -> Graph: ...
 
 
 class NotStreaming:
@@ -72,6 +82,7 @@ class NotStreaming:
 # matters to the guests that ask for it.
 _KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
     GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
+    GraphEncoding.GGML: ("wasinn.backends.ggml", "GgmlBackend", "llm"),
 }
 
 BackendFactory = Callable[[], Backend]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -88,8 +89,8 @@ class OnnxGraph:
             return self.input_dtypes[index]
         return None
 
-    def init_execution_context(self) -> OnnxContext:
-        return OnnxContext(self)
+    def init_execution_context(self, config: Mapping[str, Any] | None = None) -> OnnxContext:
+        return OnnxContext(self)  # ONNX Runtime takes no per-context settings
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
