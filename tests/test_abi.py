@@ -211,11 +211,17 @@ def test_load_unknown_encoding(ex, onnx_models, encoding):
     assert_error(ex, errno, INVALID_ENCODING, "load")
 
 
-@pytest.mark.parametrize("encoding", [0, 2, 6])
+@pytest.mark.parametrize("encoding", [0, 2])
 def test_load_encoding_without_backend(ex, onnx_models, encoding):
-    """openvino, tensorflow, ggml: known encodings this host has no backend for."""
+    """openvino, tensorflow: known encodings this host has no backend for."""
     errno, _ = ex.load(onnx_models["add"].read_bytes(), encoding, TARGET_CPU)
     assert_error(ex, errno, INVALID_ENCODING, "load")
+
+
+def test_load_onnx_bytes_as_ggml(ex, onnx_models):
+    """The ggml backend exists, and refuses bytes that are no GGUF."""
+    errno, _ = ex.load(onnx_models["add"].read_bytes(), 6, TARGET_CPU)
+    assert_error(ex, errno, RUNTIME_ERROR, "load")
 
 
 @pytest.mark.parametrize("target", [4, 99, U32_MAX])
