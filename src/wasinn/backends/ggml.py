@@ -40,7 +40,7 @@ class Options:
     """WasmEdge's GGML metadata keys (dashes in JSON); unknown keys are ignored."""
 
     n_predict: int = -1
-    ctx_size: int = 4096
+    ctx_size: int = 0  # 0: the model's training context, at most 4096
     batch_size: int = 512
     ubatch_size: int = 512
     threads: int = max(1, (os.cpu_count() or 2) // 2)
@@ -60,6 +60,9 @@ class Options:
     stream_stdout: bool = False
     enable_log: bool = False
     use_mmap: bool = True
+    #: llama.cpp's extra CPU buffer types (AMX, repacked weights). Off by default: the AMX
+    #: kernels segfault on the AMX-capable CPUs of these machines (Q4_1 SmolLM2, seen in gdb).
+    extra_bufts: bool = False
 
     def merged(self, settings: Mapping[str, Any] | None) -> Options:
         """These options with `settings` (JSON keys, dashes or underscores) laid over them."""
@@ -150,6 +153,7 @@ class GgmlGraph:
                                        "(CMAKE_ARGS=-DGGML_CUDA=on)")
         params.n_gpu_layers = options.n_gpu_layers if gpu or options.n_gpu_layers else 0
         params.use_mmap = options.use_mmap
+        params.use_extra_bufts = options.extra_bufts
         # llama.cpp logs through llama-cpp-python's logger; quiet unless enable-log
         logging.getLogger("llama-cpp-python").setLevel(
             logging.DEBUG if options.enable_log else logging.ERROR)
@@ -294,7 +298,7 @@ class GgmlContext:
         if self._ctx is None or key != self._ctx_key:
             self.close()
             params = llama_cpp.llama_context_default_params()
-            params.n_ctx = o.ctx_size if o.ctx_size > 0 else self._graph.n_ctx_train
+            params.n_ctx = o.ctx_size if o.ctx_size > 0 else min(4096, self._graph.n_ctx_train)
             params.n_batch = min(o.batch_size, params.n_ctx)
             params.n_ubatch = min(o.ubatch_size, params.n_batch)
             params.n_threads = o.threads
