@@ -191,6 +191,59 @@ def test_metadata_precedence_and_counts(ex: Exerciser, tiny: Path) -> None:
     assert errno == 0 and len(text) == written > 0
 
 
+def generate(ex: Exerciser, config: dict, text: str) -> str:
+    ctx = context(ex, config)
+    assert prompt(ex, ctx, text) == 0
+    assert ex.raw("compute", ctx) == 0, ex.last_error
+    return ex.get_output(ctx, 0, 1 << 16)[1].decode()
+
+
+def test_every_sampling_option_equals_llama_cpp_python(ex: Exerciser, tiny: Path) -> None:
+    config = {"n-predict": 24, "temp": 0.7, "top-k": 20, "top-p": 0.9, "min-p": 0.02,
+              "repeat-penalty": 1.3, "presence-penalty": 0.4, "frequency-penalty": 0.2,
+              "seed": 1234, "ctx-size": 256}
+    expected, _ = direct_completion(tiny, "Once upon", max_tokens=24, temperature=0.7,
+                                    top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.3,
+                                    presence_penalty=0.4, frequency_penalty=0.2, seed=1234)
+    assert generate(ex, config, "Once upon") == expected
+
+
+def test_grammar_json_schema_and_reverse_prompt(ex: Exerciser) -> None:
+    grammar = 'root ::= "yes" | "no"'
+    assert generate(ex, {"n-predict": 8, "temp": 0.9, "seed": 5, "grammar": grammar},
+                    "Well?") in ("yes", "no")
+    schema = json.dumps({"enum": ["red", "green"]})
+    assert json.loads(generate(ex, {"n-predict": 16, "temp": 0.9, "seed": 5,
+                                    "json-schema": schema}, "Colour:")) in ("red", "green")
+    greedy = generate(ex, {"n-predict": 12, "temp": 0}, "Once upon")
+    stop = greedy[3:6]
+    cut = generate(ex, {"n-predict": 12, "temp": 0, "reverse-prompt": stop}, "Once upon")
+    assert cut == greedy[: greedy.index(stop)]
+
+
+
+@pytest.mark.parametrize("config", [
+    {"grammar": "root ::= nonsense ("},            # llama.cpp's parser refuses it
+    {"grammar": "root ::= " + "(" * 5000 + '"a"' + ")" * 5000},  # would recurse deep
+    {"json-schema": "{not json"},
+    {"ctx-size": 10 ** 9},                            # a KV cache to exhaust the host
+    {"threads": 100000},
+    {"batch-size": 0},
+    {"n-predict": "many"},
+])
+def test_guest_settings_that_would_hurt_the_host(ex: Exerciser, config: dict) -> None:
+    ctx = context(ex, config) if "n-predict" not in config else None
+    if ctx is None:  # a bad value is refused where it is given
+        errno, graph = ex.load_by_name_with_config("default", json.dumps(config).encode())
+        assert errno == 0
+        assert ex.init(graph)[0] == Errno.INVALID_ARGUMENT
+        return
+    assert prompt(ex, ctx, "x") == 0
+    assert ex.raw("compute", ctx) == Errno.INVALID_ARGUMENT, ex.last_error
+    assert ex.raw("compute_single", ctx) == Errno.INVALID_ARGUMENT
+    assert generate(ex, {"n-predict": 2, "temp": 0}, "still fine") != ""
+
+
 def test_load_from_bytes_with_metadata_builder(ex: Exerciser, tiny: Path) -> None:
     model = tiny.read_bytes()
     meta = json.dumps({"n-predict": 2, "temp": 0}).encode()

@@ -33,6 +33,8 @@ from ..tensor import ExecutionTarget, GraphEncoding, Tensor
 # llama-cpp-python's `Llama` defaults, so that "the same settings" means the same thing here
 _PENALTY_LAST_N = 64
 _TYPICAL_P = 1.0
+_MAX_GRAMMAR = 64 << 10
+_MAX_GRAMMAR_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,9 @@ class GgmlGraph:
         if target == ExecutionTarget.GPU and not llama_cpp.llama_supports_gpu_offload():
             raise UnsupportedOperation("target gpu needs llama-cpp-python built with CUDA "
                                        "(CMAKE_ARGS=-DGGML_CUDA=on)")
-        params.n_gpu_layers = options.n_gpu_layers if gpu or options.n_gpu_layers else 0
+        # gpu and auto offload every layer where llama.cpp has a GPU, unless told how many
+        offload = gpu and llama_cpp.llama_supports_gpu_offload()
+        params.n_gpu_layers = options.n_gpu_layers or (999 if offload else 0)
         params.use_mmap = options.use_mmap
         params.use_extra_bufts = options.extra_bufts
         # llama.cpp logs through llama-cpp-python's logger; quiet unless enable-log
@@ -222,27 +226,16 @@ class GgmlContext:
                 self._output_tokens = 0
                 return
             generation = self._start()
-            pieces = []
             try:
                 while True:
                     piece = generation.step()
-                    pieces.append(piece)
                     if self.options.stream_stdout:
                         _echo(piece)
             except EndOfSequence:
                 pass
-            except ContextFull:
-                self._finish(generation, pieces)
-                raise
-            self._finish(generation, pieces)
-
-    def _finish(self, generation: _Generation, pieces: list[bytes]) -> None:
-        text = b"".join(pieces)
-        reverse = self.options.reverse_prompt.encode()
-        if reverse and text.endswith(reverse):
-            text = text[: -len(reverse)]
-        self._output = text
-        self._output_tokens = generation.generated
+            finally:  # context full keeps what fitted, as WasmEdge does
+                self._output = generation.text
+                self._output_tokens = generation.generated
 
     def get_output(self, index: int) -> np.ndarray:
         if index == 0:
@@ -294,6 +287,13 @@ class GgmlContext:
     def _context(self) -> tuple[internals.LlamaContext, internals.LlamaBatch]:
         """This context's llama_context, made anew only when its shape changes."""
         o = self.options
+        train = self._graph.n_ctx_train
+        if o.ctx_size > max(train, 4096):
+            raise InvalidArgument(f"ctx-size {o.ctx_size} is over the model's {train} tokens")
+        if o.batch_size <= 0 or o.ubatch_size <= 0:
+            raise InvalidArgument("batch-size and ubatch-size must be positive")
+        if not 0 < o.threads <= (os.cpu_count() or 1) * 4:
+            raise InvalidArgument(f"threads must be 1..{(os.cpu_count() or 1) * 4}")
         key = (o.ctx_size, o.batch_size, o.ubatch_size, o.threads, o.embedding)
         if self._ctx is None or key != self._ctx_key:
             self.close()
@@ -367,6 +367,8 @@ class _Generation:
         self._sampler = _sampler(model, options, n_vocab)
         self._n_past = 0
         self._text = b""
+        self._reverse = options.reverse_prompt.encode()
+        self._stopped = False
         self.generated = 0
         ctx.kv_cache_clear()
         self._decode(prompt)
@@ -382,19 +384,33 @@ class _Generation:
                 raise BackendError(f"llama.cpp decode failed: {e}") from None
             self._n_past += len(chunk)
 
+    @property
+    def text(self) -> bytes:
+        """Everything generated so far, cut before a reverse prompt."""
+        return self._text
+
     def step(self) -> bytes:
         """The next piece of text, or EndOfSequence / ContextFull."""
         o = self._options
-        if 0 <= o.n_predict <= self.generated:
-            raise EndOfSequence("n-predict reached")
+        if self._stopped or 0 <= o.n_predict <= self.generated:
+            raise EndOfSequence("n-predict reached" if not self._stopped else "reverse prompt")
         token = self._sampler.sample(self._ctx, -1)
         if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             raise EndOfSequence("end of generation token")
         piece = self._model.token_to_piece(token, special=False).rstrip(b"\0")
         self.generated += 1
+        before = len(self._text)
         self._text += piece
-        if o.reverse_prompt and self._text.endswith(o.reverse_prompt.encode()):
-            raise EndOfSequence("reverse prompt")
+        if self._reverse:
+            # the reverse prompt may span pieces: look from where it could have begun
+            found = self._text.find(self._reverse, max(0, before - len(self._reverse) + 1))
+            if found >= 0:
+                self._stopped = True
+                piece = self._text[before:found]
+                self._text = self._text[:found]
+                if not piece:
+                    raise EndOfSequence("reverse prompt")
+                return piece
         if self._n_past + 1 >= self._ctx.n_ctx():
             raise ContextFull(f"the context of {self._ctx.n_ctx()} tokens is full")
         self._decode([token])
@@ -410,7 +426,11 @@ def _sampler(model: internals.LlamaModel, o: Options, n_vocab: int) -> internals
                           penalty_present=o.presence_penalty)
     grammar = _grammar(o)
     if grammar is not None:
-        sampler.add_grammar(model, grammar)
+        # llama-cpp-python would add a NULL sampler for a grammar that does not parse (a crash)
+        stage = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+        if not stage:
+            raise InvalidArgument("the grammar does not parse (GBNF, with a `root` rule)")
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, stage)
     if o.temp < 0.0:
         sampler.add_dist(o.seed)
     elif o.temp == 0.0:
@@ -425,15 +445,26 @@ def _sampler(model: internals.LlamaModel, o: Options, n_vocab: int) -> internals
     return sampler
 
 
-def _grammar(o: Options) -> LlamaGrammar | None:
-    try:
-        if o.grammar:
-            return LlamaGrammar.from_string(o.grammar, verbose=o.enable_log)
-        if o.json_schema:
-            return LlamaGrammar.from_json_schema(o.json_schema, verbose=o.enable_log)
-    except (ValueError, RuntimeError) as e:
-        raise InvalidArgument(f"bad grammar or json-schema: {e}") from None
-    return None
+def _grammar(o: Options) -> str | None:
+    """The GBNF text for `grammar` or `json-schema`, bounded so a guest cannot make llama.cpp's
+    recursive parser overflow the host's stack."""
+    text = o.grammar
+    if not text and o.json_schema:
+        try:
+            text = LlamaGrammar.from_json_schema(o.json_schema, verbose=o.enable_log)._grammar
+        except (ValueError, RuntimeError, TypeError, KeyError, RecursionError) as e:
+            raise InvalidArgument(f"bad json-schema: {e}") from None
+    if not text:
+        return None
+    if len(text) > _MAX_GRAMMAR:
+        raise InvalidArgument(f"grammar longer than {_MAX_GRAMMAR} bytes")
+    depth = deepest = 0
+    for char in text:
+        depth += (char == "(") - (char == ")")
+        deepest = max(deepest, depth)
+    if deepest > _MAX_GRAMMAR_DEPTH:
+        raise InvalidArgument(f"grammar nests deeper than {_MAX_GRAMMAR_DEPTH}")
+    return text
 
 
 def _echo(piece: bytes) -> None:
