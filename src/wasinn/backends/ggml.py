@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -196,7 +195,6 @@ class GgmlContext:
         self._output_tokens = 0
         self._stream: _Generation | None = None
         self._piece = b""
-        self._lock = threading.Lock()
 
     @property
     def options(self) -> Options:
@@ -219,23 +217,22 @@ class GgmlContext:
     # --- whole generation ----------------------------------------------------------------
 
     def compute(self) -> None:
-        with self._lock:
-            self._stream = None
-            if self.options.embedding:
-                self._output = self._embed()
-                self._output_tokens = 0
-                return
-            generation = self._start()
-            try:
-                while True:
-                    piece = generation.step()
-                    if self.options.stream_stdout:
-                        _echo(piece)
-            except EndOfSequence:
-                pass
-            finally:  # context full keeps what fitted, as WasmEdge does
-                self._output = generation.text
-                self._output_tokens = generation.generated
+        self._stream = None
+        if self.options.embedding:
+            self._output = self._embed()
+            self._output_tokens = 0
+            return
+        generation = self._start()
+        try:
+            while True:
+                piece = generation.step()
+                if self.options.stream_stdout:
+                    _echo(piece)
+        except EndOfSequence:
+            pass
+        finally:  # context full keeps what fitted, as WasmEdge does
+            self._output = generation.text
+            self._output_tokens = generation.generated
 
     def get_output(self, index: int) -> np.ndarray:
         if index == 0:
@@ -248,20 +245,19 @@ class GgmlContext:
         return json.dumps({
             "input_tokens": len(self._prompt or ()),
             "output_tokens": self._output_tokens,
-            "llama_build_number": getattr(llama_cpp, "__version__", ""),
+            "llama_cpp_python": getattr(llama_cpp, "__version__", ""),
         }).encode()
 
     # --- streaming ---------------------------------------------------------------------
 
     def compute_single(self) -> None:
-        with self._lock:
-            if self._stream is None:
-                self._stream = self._start()
-                self._output_tokens = 0
-            self._piece = self._stream.step()
-            self._output_tokens = self._stream.generated
-            if self.options.stream_stdout:
-                _echo(self._piece)
+        if self._stream is None:
+            self._stream = self._start()
+            self._output_tokens = 0
+        self._piece = self._stream.step()
+        self._output_tokens = self._stream.generated
+        if self.options.stream_stdout:
+            _echo(self._piece)
 
     def get_output_single(self, index: int) -> np.ndarray:
         if index == 0:
@@ -271,9 +267,8 @@ class GgmlContext:
         raise InvalidArgument(f"ggml has outputs 0 (text) and 1 (metadata), not {index}")
 
     def fini_single(self) -> None:
-        with self._lock:
-            self._stream = None
-            self._piece = b""
+        self._stream = None
+        self._piece = b""
 
     def close(self) -> None:
         self._stream = None
