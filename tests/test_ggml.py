@@ -356,6 +356,20 @@ def test_two_guests_interleaving_on_one_model(ggml_host: Host, guests: dict[str,
     assert ggml_host.registry.is_loaded("default")  # one model behind both
 
 
+def test_reused_llama_context_forgets_the_last_guest(guests: dict[str, Path], tiny: Path,
+                                                     tmp_path: Path) -> None:
+    """A finished guest's llama_context serves the next one, which must start clean."""
+    host = Host(models=[f"default:GGML:AUTO:{tiny}"], module_cache=tmp_path)
+    args = ["--n-predict", "12", "--temp", "0"]
+    first = run_guest(host, guests["stream"], args + ["The quick brown fox"])
+    second = run_guest(host, guests["stream"], args + ["Once upon a time"])
+    fresh = run_guest(Host(models=[f"default:GGML:AUTO:{tiny}"], module_cache=tmp_path),
+                      guests["stream"], args + ["Once upon a time"])
+    assert second == fresh != first
+    graph = host.registry.get("default")
+    assert len(graph._idle) == 1  # the one context, back in the pool
+
+
 def test_cli_preload_ggml(guests: dict[str, Path], tiny: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "wasinn", "run", "--cache-dir", str(tmp_path),

@@ -339,18 +339,23 @@ class _Call:
         return GuestMemory(self.caller, self.context)
 
 
-def _write_output(mem: GuestMemory, array: np.ndarray, out_ptr: int, out_max: int,
+def _write_output(mem: GuestMemory, output: np.ndarray | bytes, out_ptr: int, out_max: int,
                   written_out: int) -> int:
     """Copy an output to the guest; when it does not fit, still say how many bytes it needs."""
     mem.check(written_out, 4)
-    if array.dtype.hasobject:  # e.g. ONNX string tensors: host pointers must never cross
-        raise BackendError(f"an output of dtype {array.dtype} cannot be handed to a guest")
-    needed = array.nbytes
+    if isinstance(output, bytes):
+        needed = len(output)
+    elif output.dtype.hasobject:  # e.g. ONNX string tensors: host pointers must never cross
+        raise BackendError(f"an output of dtype {output.dtype} cannot be handed to a guest")
+    else:
+        needed = output.nbytes
     if needed > out_max:
         mem.write_u32(written_out, needed)
         raise TooLarge(f"output of {needed} bytes does not fit the guest's {out_max}")
-    if needed:
-        mem.copy_out(out_ptr, array)
+    if isinstance(output, bytes):
+        ctypes.memmove(mem.check(out_ptr, needed), output, needed)
+    elif needed:
+        mem.copy_out(out_ptr, output)
     mem.write_u32(written_out, needed)
     return 0
 
