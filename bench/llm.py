@@ -24,15 +24,18 @@ before timing. All four sides must give the same tokens; the report says where t
 TTFT: from the call (``create_completion`` / ``Host.run``) to the first piece of text. tok/s:
 the tokens after the first over the time from the first piece to the last (each is one decode
 and one sample on either side). A guest run also pays for what the direct side (one `Llama`,
-one llama_context, made once) does not: Host.run's own set-up (Store, WASI, instantiation) and a
-new llama_context per execution context.
+one llama_context, made once) does not: Host.run's own set-up (Store, WASI, instantiation),
+taking a llama_context from the graph's pool (a new one only when none of its shape is idle)
+and emptying its KV cells.
 
 After warm-up the four sides alternate in rounds (A B C D, D C B A, ...); reported are the
-medians over rounds. Then instrumented streaming runs (perf_counter_ns around llama.cpp's
-decode and sample, the GGML backend's compute_single / get_output_single and the wasi-nn
-functions) split TTFT into its parts and give the cost per token outside decode + sample: the
-host's on the guest side (also with stdout to a file instead of a callable), llama-cpp-python's
-own Python on the direct side.
+medians over rounds, and how many llama_contexts the guest runs made and reused. Then
+instrumented streaming runs (perf_counter_ns around llama.cpp's decode and sample, the GGML
+backend's compute_single / get_output_single, its llama_context pool and _forget_tokens, and the
+wasi-nn functions) split TTFT into its parts, check that only the prompt is decoded before the
+first piece, and give the cost per token outside decode + sample: the host's on the guest side
+(also with stdout to a file instead of a callable), llama-cpp-python's own Python on the direct
+side.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import ctypes
 import functools
 import importlib.util
 import io
+import math
 import os
 import re
 import statistics
@@ -60,7 +64,8 @@ import wasmtime
 from llama_cpp import _internals as internals
 
 from wasinn.abi.witx import WitxAbi
-from wasinn.backends.ggml import GgmlContext
+from wasinn.backends import ggml
+from wasinn.backends.ggml import GgmlContext, GgmlGraph, _Slot
 from wasinn.host import Host, Output
 from wasinn.registry import ModelSpec
 from wasinn.tensor import ExecutionTarget, GraphEncoding
@@ -147,7 +152,8 @@ def direct_llama(path: Path, model_params: Any, ctx_params: Any) -> tuple[llama_
     `Llama` takes its model params from llama_model_default_params() and maps flash_attn=False
     to LLAMA_FLASH_ATTN_TYPE_DISABLED, both looked up on llama_cpp.llama_cpp when it runs:
     while it is made, the first gives the host's use_extra_bufts and the second the host's
-    flash_attn_type."""
+    flash_attn_type. The host's load_mode becomes `Llama`'s use_mmap / use_mlock (AUTO and
+    DIRECT_IO have no such spelling: they show up as a difference)."""
     original_defaults = llama_raw.llama_model_default_params
     original_fa_off = llama_raw.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
@@ -157,11 +163,15 @@ def direct_llama(path: Path, model_params: Any, ctx_params: Any) -> tuple[llama_
         return p
 
     c = ctx_params
+    mode = model_params.load_mode
+    use_mmap = mode not in (llama_cpp.LLAMA_LOAD_MODE_NONE, llama_cpp.LLAMA_LOAD_MODE_MLOCK)
+    use_mlock = mode in (llama_cpp.LLAMA_LOAD_MODE_MLOCK, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK)
     llama_raw.llama_model_default_params = defaults
     llama_raw.LLAMA_FLASH_ATTN_TYPE_DISABLED = c.flash_attn_type
     try:
         llm = llama_cpp.Llama(
-            model_path=str(path), n_gpu_layers=model_params.n_gpu_layers, n_ctx=c.n_ctx,
+            model_path=str(path), n_gpu_layers=model_params.n_gpu_layers,
+            use_mmap=use_mmap, use_mlock=use_mlock, n_ctx=c.n_ctx,
             n_batch=c.n_batch, n_ubatch=c.n_ubatch, n_threads=c.n_threads,
             n_threads_batch=c.n_threads_batch, rope_scaling_type=c.rope_scaling_type,
             pooling_type=c.pooling_type, attention_type=c.attention_type,
@@ -220,8 +230,9 @@ class Direct:
         pieces: list[str] = []
         finish = ""
         start = now()
-        for chunk in llm.create_completion(self.prompt, max_tokens=n, temperature=0.0,
-                                           stream=True):
+        chunks: Any = llm.create_completion(self.prompt, max_tokens=n, temperature=0.0,
+                                            stream=True)
+        for chunk in chunks:
             choice = chunk["choices"][0]
             if choice["text"]:
                 arrivals.append(now())
@@ -329,24 +340,36 @@ def measure(direct: Direct, guest: Guest, n: int, rounds: int,
 # --- instrumented runs -----------------------------------------------------------------------
 
 
+#: (class or module, attribute, category[, what to note from the call's arguments])
+Target = tuple[Any, ...]
+
+
 class Probe:
-    """perf_counter_ns around methods of classes, by category, while installed."""
+    """perf_counter_ns around functions (methods, classmethods, module functions), by category,
+    while installed; an event may carry a number taken from the call's arguments."""
 
     def __init__(self) -> None:
-        self.events: dict[str, list[tuple[int, int]]] = {}  # category: [(start, duration)]
+        # category: [(start, duration, note)]
+        self.events: dict[str, list[tuple[int, int, int]]] = {}
 
     @contextlib.contextmanager
-    def install(self, targets: Sequence[tuple[type, str, str]]) -> Iterator[None]:
-        saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in targets]
+    def install(self, targets: Sequence[Target]) -> Iterator[None]:
+        saved = [(t[0], t[1], t[0].__dict__[t[1]]) for t in targets]
         try:
-            for cls, name, category in targets:
-                setattr(cls, name, self.timed(cls.__dict__[name], category))
+            for owner, name, category, *note in targets:
+                raw = owner.__dict__[name]
+                if isinstance(raw, classmethod):
+                    wrapped: Any = classmethod(self.timed(raw.__func__, category, *note))
+                else:
+                    wrapped = self.timed(raw, category, *note)
+                setattr(owner, name, wrapped)
             yield
         finally:
-            for cls, name, original in saved:
-                setattr(cls, name, original)
+            for owner, name, original in saved:
+                setattr(owner, name, original)
 
-    def timed(self, func: Callable[..., Any], category: str) -> Callable[..., Any]:
+    def timed(self, func: Callable[..., Any], category: str,
+              note: Callable[..., int] | None = None) -> Callable[..., Any]:
         events = self.events.setdefault(category, [])
         now = time.perf_counter_ns
 
@@ -356,7 +379,7 @@ class Probe:
             try:
                 return func(*args, **kwargs)
             finally:
-                events.append((start, now() - start))
+                events.append((start, now() - start, note(*args) if note else 0))
 
         return timed
 
@@ -364,30 +387,47 @@ class Probe:
         for events in self.events.values():
             events.clear()
 
+    def count(self, category: str) -> int:
+        return len(self.events.get(category, ()))
+
     def starts(self, category: str) -> list[int]:
-        return [s for s, _ in self.events.get(category, ())]
+        return [s for s, _, _ in self.events.get(category, ())]
 
     def durations(self, category: str, before: int | None = None) -> list[int]:
-        return [d for s, d in self.events.get(category, ()) if before is None or s < before]
+        return [d for s, d, _ in self.events.get(category, ()) if before is None or s < before]
+
+    def notes(self, category: str, before: int | None = None,
+              after: int | None = None) -> list[int]:
+        return [n for s, _, n in self.events.get(category, ())
+                if (before is None or s < before) and (after is None or s >= after)]
 
     def within(self, categories: Sequence[str], first: int, last: int) -> int:
         """ns spent in calls of `categories` that started in [first, last)."""
-        return sum(d for c in categories for s, d in self.events.get(c, ()) if first <= s < last)
+        return sum(d for c in categories for s, d, _ in self.events.get(c, ())
+                   if first <= s < last)
+
+
+def _batch_tokens(ctx: Any, batch: internals.LlamaBatch) -> int:
+    return int(batch.batch.n_tokens)
 
 
 LLAMA = ("decode", "sample")
 BACKEND = ("backend_compute_single", "backend_get_output_single")
 ABI = ("abi_compute_single", "abi_get_output_single")
-PROBES = [(internals.LlamaContext, "decode", "decode"),
-          (internals.LlamaSampler, "sample", "sample"),
-          (internals.LlamaContext, "__init__", "new_context"),
-          (internals.LlamaContext, "close", "close_context"),
-          (internals.LlamaContext, "kv_cache_clear", "kv_clear"),
-          (GgmlContext, "compute_single", "backend_compute_single"),
-          (GgmlContext, "get_output_single", "backend_get_output_single"),
-          (WitxAbi, "load_by_name_with_config", "abi_load"),
-          (WitxAbi, "compute_single", "abi_compute_single"),
-          (WitxAbi, "get_output_single", "abi_get_output_single")]
+#: the GGML backend's llama_context pool: counted in the timed rounds too (once or twice a run)
+POOL: list[Target] = [(GgmlGraph, "take_slot", "take_slot"),
+                      (_Slot, "make", "new_context"),
+                      (_Slot, "close", "free_context"),
+                      (GgmlGraph, "give_back", "give_back")]
+PROBES: list[Target] = [(internals.LlamaContext, "decode", "decode", _batch_tokens),
+                        (internals.LlamaSampler, "sample", "sample"),
+                        *POOL,
+                        (ggml, "_forget_tokens", "forget_tokens"),
+                        (GgmlContext, "compute_single", "backend_compute_single"),
+                        (GgmlContext, "get_output_single", "backend_get_output_single"),
+                        (WitxAbi, "load_by_name_with_config", "abi_load"),
+                        (WitxAbi, "compute_single", "abi_compute_single"),
+                        (WitxAbi, "get_output_single", "abi_get_output_single")]
 
 
 @dataclass(frozen=True)
@@ -410,16 +450,70 @@ class Ttft:
     """ms from the call to the first piece, in parts."""
 
     total: float
-    prompt: float  # the decode(s) of the prompt
+    prompt: float  # the decode(s) of the prompt: all that is decoded before the first piece
     first_call: float = 0.0  # guest: to its first wasi-nn call (Host.run set-up, guest start)
-    new_context: float = 0.0  # guest: a new llama_context
-    kv_clear: float = 0.0  # guest: kv_cache_clear before the prompt
-    first_decode: float = 0.0  # guest: the first token's decode, made before its piece is out
+    take_context: float = 0.0  # guest: GgmlGraph.take_slot (a new llama_context if none idle)
+    forget: float = 0.0  # guest: _forget_tokens (the KV cells emptied) before the prompt
 
     @property
     def other(self) -> float:
-        return (self.total - self.prompt - self.first_call - self.new_context - self.kv_clear
-                - self.first_decode)
+        return self.total - self.prompt - self.first_call - self.take_context - self.forget
+
+
+@dataclass(frozen=True)
+class Decodes:
+    """What one streaming run decoded: before its first piece, and from it on."""
+
+    tokens_before: int
+    calls_before: int
+    tokens_after: int
+    calls_after: int
+
+    @classmethod
+    def of(cls, probe: Probe, run: Run) -> Decodes:
+        first = run.arrivals[0]
+        before, after = probe.notes("decode", before=first), probe.notes("decode", after=first)
+        return cls(sum(before), len(before), sum(after), len(after))
+
+    def problems(self, side: str, prompt: int, n: int) -> list[str]:
+        """The guest decodes the prompt, then each token but the last at the next step."""
+        found = []
+        if self.tokens_before != prompt:
+            found.append(f"{side}: {self.tokens_before} tokens decoded before the first piece, "
+                         f"the prompt is {prompt}")
+        if self.tokens_after != n - 1 or self.calls_after != n - 1:
+            found.append(f"{side}: {self.tokens_after} tokens in {self.calls_after} decodes "
+                         f"after the first piece, not {n - 1} in {n - 1} (the last one is never "
+                         f"decoded)")
+        return found
+
+
+@dataclass
+class Pool:
+    """The GGML backend's llama_context pool over some guest runs."""
+
+    runs: int = 0
+    taken: int = 0  # GgmlGraph.take_slot
+    made_ms: list[float] = field(default_factory=list)  # _Slot.make: a new llama_context
+    freed: int = 0  # _Slot.close: a llama_context freed (pool full, or the graph closed)
+    give_back_ms: list[float] = field(default_factory=list)  # GgmlGraph.give_back, a run's end
+
+    @property
+    def reused(self) -> int:
+        return self.taken - len(self.made_ms)
+
+    def add(self, probe: Probe, runs: int) -> None:
+        self.runs += runs
+        self.taken += probe.count("take_slot")
+        self.made_ms += [d / 1e6 for d in probe.durations("new_context")]
+        self.freed += probe.count("free_context")
+        self.give_back_ms += [d / 1e6 for d in probe.durations("give_back")]
+
+    def describe(self) -> str:
+        made = len(self.made_ms)
+        cost = f" ({_f(_median(self.made_ms), '.1f')} ms)" if made else ""
+        took = f" (took {self.taken})" if self.taken != self.runs else ""
+        return f"{made} made{cost}, {self.reused} reused, {self.freed} freed{took}"
 
 
 @dataclass
@@ -429,14 +523,20 @@ class Profile:
     direct: list[PerToken] = field(default_factory=list)
     guest_ttft: list[Ttft] = field(default_factory=list)
     direct_ttft: list[Ttft] = field(default_factory=list)
-    new_context_ms: list[float] = field(default_factory=list)
-    close_context_ms: list[float] = field(default_factory=list)
+    guest_decodes: list[Decodes] = field(default_factory=list)
+    direct_decodes: list[Decodes] = field(default_factory=list)
+    decode_problems: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    first_run: Pool = field(default_factory=Pool)  # the instrumented Host's warm-up guest run
+    pool: Pool = field(default_factory=Pool)  # its instrumented guest runs (both stdouts)
+    forget_at_end_ms: list[float] = field(default_factory=list)  # in give_back, after the run
     probe_ns: float = 0.0  # what one timed call adds by itself (inside the figures)
 
 
 def guest_per_token(probe: Probe, n: int) -> PerToken:
     """From the host's 2nd compute_single to its last (the one that ends the stream): n - 1
-    whole cycles of compute_single, get_output_single and the guest writing the piece."""
+    whole cycles of compute_single (the last token's decode, the next one's sample),
+    get_output_single and the guest writing the piece."""
     starts = probe.starts("abi_compute_single")
     assert len(starts) == n + 1, (len(starts), n)
     first, last = starts[1], starts[n]
@@ -455,11 +555,10 @@ def direct_per_token(probe: Probe, run: Run) -> PerToken:
 
 def guest_ttft(probe: Probe, run: Run) -> Ttft:
     first = run.arrivals[0]
-    decodes = probe.durations("decode", before=first)
-    return Ttft((first - run.start) / 1e6, sum(decodes[:-1]) / 1e6,
+    return Ttft((first - run.start) / 1e6, sum(probe.durations("decode", before=first)) / 1e6,
                 (probe.starts("abi_load")[0] - run.start) / 1e6,
-                sum(probe.durations("new_context", before=first)) / 1e6,
-                sum(probe.durations("kv_clear", before=first)) / 1e6, decodes[-1] / 1e6)
+                sum(probe.durations("take_slot", before=first)) / 1e6,
+                sum(probe.durations("forget_tokens", before=first)) / 1e6)
 
 
 def direct_ttft(probe: Probe, run: Run) -> Ttft:
@@ -472,7 +571,7 @@ def profile(path: Path, threads: int, direct: Direct, stream_wasm: Path, n: int,
     """Instrumented streaming runs, alternating: guest to a callable, direct, guest to a file.
     The guest side runs on a Host of its own, whose linker binds the timed wasi-nn functions."""
     probe = Probe()
-    result = Profile()
+    result = Profile(prompt_tokens=direct.prompt_tokens)
     with probe.install(PROBES), tempfile.TemporaryDirectory() as tmp:
         host = Host(models=[ModelSpec(MODEL_NAME, GraphEncoding.GGML, ExecutionTarget.CPU,
                                       (path,))], threads=threads, module_cache=False)
@@ -480,7 +579,9 @@ def profile(path: Path, threads: int, direct: Direct, stream_wasm: Path, n: int,
             host.registry.get(MODEL_NAME)
             guest = Guest(host, host.compile(stream_wasm), None, USER_PROMPT)
             to_file = str(Path(tmp) / "stdout")
-            guest.stream(n)
+            probe.clear()
+            guest.stream(n)  # on a fresh Host: the pool is empty
+            result.first_run.add(probe, 1)
             direct.stream(n)
             order = ("guest", "direct", "file")
             for r in range(runs):
@@ -490,18 +591,26 @@ def profile(path: Path, threads: int, direct: Direct, stream_wasm: Path, n: int,
                         run = direct.stream(n)
                         result.direct.append(direct_per_token(probe, run))
                         result.direct_ttft.append(direct_ttft(probe, run))
+                        result.direct_decodes.append(Decodes.of(probe, run))
                         continue
                     run = guest.stream(n, to_file if side == "file" else None)
                     if run.tokens != n:
                         raise SystemExit(f"guest stream: {run.tokens} tokens, not {n}")
+                    result.pool.add(probe, 1)
+                    ends = probe.starts("give_back")
+                    result.forget_at_end_ms += [d / 1e6 for s, d, _ in
+                                                probe.events.get("forget_tokens", ())
+                                                if ends and s >= ends[0]]
                     if side == "file":
                         result.guest_file.append(guest_per_token(probe, n))
                         continue
                     result.guest.append(guest_per_token(probe, n))
                     result.guest_ttft.append(guest_ttft(probe, run))
-                    result.new_context_ms += [d / 1e6 for d in probe.durations("new_context")]
-                    result.close_context_ms += [d / 1e6 for d in
-                                                probe.durations("close_context")]
+                    decodes = Decodes.of(probe, run)
+                    result.guest_decodes.append(decodes)
+                    for problem in decodes.problems("guest", direct.prompt_tokens, n):
+                        if problem not in result.decode_problems:
+                            result.decode_problems.append(problem)
         finally:
             host.close()
     noop = Probe().timed(lambda: None, "noop")
@@ -515,8 +624,20 @@ def profile(path: Path, threads: int, direct: Direct, stream_wasm: Path, n: int,
 # --- report ----------------------------------------------------------------------------------
 
 
+_DASHES: list[str] = []  # what was printed as "-"
+
+
 def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
+    """The median, NaN (printed "-") when there is nothing to take it of."""
+    return statistics.median(values) if values else float("nan")
+
+
+def _f(value: float, spec: str) -> str:
+    if math.isnan(value):
+        _DASHES.append(spec)
+        width = re.match(r"\d*", spec)
+        return "-".rjust(int(width.group() or 0) if width else 0)
+    return format(value, spec)
 
 
 def _half_iqr(values: Sequence[float]) -> float:
@@ -551,15 +672,17 @@ def _table(rows: list[tuple[str, ...]]) -> None:
                                for i, (c, w) in enumerate(zip(r, widths))))
 
 
-def report(runs: dict[str, list[Run]], prof: Profile, n: int, header: str) -> bool:
+def report(runs: dict[str, list[Run]], prof: Profile, timed_pool: Pool, n: int,
+           header: str) -> bool:
+    _DASHES.clear()
     print(header)
     ds, gs = runs["direct stream"], runs["guest stream"]
     dc, gc = runs["direct compute"], runs["guest compute"]
 
     def row(what: str, direct: list[float], guest: list[float], fmt: str) -> tuple[str, ...]:
         ratios = [g / d for d, g in zip(direct, guest)]
-        return (what, format(_median(direct), fmt), format(_median(guest), fmt),
-                f"{_median(ratios):.3f}", f"{_half_iqr(ratios):.3f}")
+        return (what, _f(_median(direct), fmt), _f(_median(guest), fmt),
+                _f(_median(ratios), ".3f"), _f(_half_iqr(ratios), ".3f"))
 
     _table([("", "direct", "guest", "guest/direct", "+/-"),
             row("stream TTFT ms", [r.ttft_s * 1e3 for r in ds], [r.ttft_s * 1e3 for r in gs],
@@ -572,36 +695,59 @@ def report(runs: dict[str, list[Run]], prof: Profile, n: int, header: str) -> bo
     print(f"  (medians over rounds; +/- is half the IQR of the per-round ratios; tok/s: the "
           f"{n - 1} tokens\n   after the first, from the first piece to the last)")
 
-    def med(values: Sequence[Any], name: str) -> float:
-        return _median([getattr(v, name) for v in values])
+    def med(values: Sequence[Any], name: str, spec: str = ".2f") -> str:
+        return _f(_median([getattr(v, name) for v in values]), spec)
 
     g, d = prof.guest_ttft, prof.direct_ttft
     print(f"TTFT in parts ({len(g)} instrumented runs per side, medians, ms):")
-    print(f"  guest  {med(g, 'total'):7.2f} = to the first wasi-nn call {med(g, 'first_call'):.2f}"
-          f" (Host.run set-up) + new llama_context {med(g, 'new_context'):.2f}\n"
-          f"                 + kv_cache_clear {med(g, 'kv_clear'):.2f} + prompt "
-          f"{med(g, 'prompt'):.2f} + the first token's decode {med(g, 'first_decode'):.2f}\n"
-          f"                 (done before its piece is out) + other {med(g, 'other'):.2f}")
-    print(f"  direct {med(d, 'total'):7.2f} = prompt {med(d, 'prompt'):.2f} + other "
-          f"{med(d, 'other'):.2f}; the guest's llama_context is freed at its end: "
-          f"{_median(prof.close_context_ms):.2f}")
+    print(f"  guest  {med(g, 'total', '7.2f')} = to the first wasi-nn call "
+          f"{med(g, 'first_call')} (Host.run set-up)\n"
+          f"                 + llama_context from the pool {med(g, 'take_context')} + "
+          f"_forget_tokens {med(g, 'forget')}\n"
+          f"                 + prompt {med(g, 'prompt')} + other {med(g, 'other')}")
+    print(f"  direct {med(d, 'total', '7.2f')} = prompt {med(d, 'prompt')} + other "
+          f"{med(d, 'other')}")
+
+    def decoded(values: list[Decodes]) -> str:
+        return (f"{med(values, 'tokens_before', 'g')} tokens in "
+                f"{med(values, 'calls_before', 'g')} decode(s) before the first piece, then "
+                f"{med(values, 'tokens_after', 'g')} in {med(values, 'calls_after', 'g')}")
+
+    print(f"decoded per streaming run (medians; the prompt is {prof.prompt_tokens} tokens):")
+    print(f"  guest   {decoded(prof.guest_decodes)}")
+    print(f"  direct  {decoded(prof.direct_decodes)}")
+    if prof.decode_problems:
+        for problem in prof.decode_problems:
+            print(f"  NOT AS EXPECTED: {problem}")
+    else:
+        print(f"  guest, in all {len(prof.guest_decodes)} runs: only the prompt before the first "
+              f"piece (a token is decoded\n  after its piece is out), the last token never")
+    print("llama_contexts of GgmlGraph's pool (made: new; reused: an idle one taken again):")
+    print(f"  timing Host, {timed_pool.runs} guest runs: {timed_pool.describe()}")
+    print(f"  instrumented Host, its first run: {prof.first_run.describe()}; "
+          f"its {prof.pool.runs} instrumented runs:\n    {prof.pool.describe()}")
+    print(f"  after a run's last piece, give_back "
+          f"{_f(_median(prof.pool.give_back_ms), '.3f')} ms (of it _forget_tokens "
+          f"{_f(_median(prof.forget_at_end_ms), '.3f')})")
     gp, fp, dp = prof.guest, prof.guest_file, prof.direct
     print("per token, outside llama.cpp's decode + sample (medians, us):")
     _table([("", "total", "backend", "wasi-nn fns", "rest", "decode+sample"),
-            *[(what, f"{med(v, 'outside'):,.1f}", f"{med(v, 'backend'):,.1f}",
-               f"{med(v, 'abi'):,.1f}", f"{med(v, 'rest'):,.1f}", f"{med(v, 'llama'):,.1f}")
+            *[(what, med(v, 'outside', ',.1f'), med(v, 'backend', ',.1f'),
+               med(v, 'abi', ',.1f'), med(v, 'rest', ',.1f'), med(v, 'llama', ',.1f'))
               for what, v in (("guest, stdout to a callable", gp),
                               ("guest, stdout to a file", fp))],
-            ("direct (create_completion)", f"{med(dp, 'outside'):,.1f}", "", "", "",
-             f"{med(dp, 'llama'):,.1f}")])
+            ("direct (create_completion)", med(dp, 'outside', ',.1f'), "", "", "",
+             med(dp, 'llama', ',.1f'))])
     print(f"  (backend: GgmlContext.compute_single + get_output_single less llama.cpp; wasi-nn "
           f"fns: WitxAbi's,\n   less the backend; rest: wasm <-> Python calls, the guest's code, "
           f"its fwrite to stdout;\n   each timed call adds {prof.probe_ns / 1e3:.2f} us, "
           f"counted in)")
+    if _DASHES:
+        print("  (-: nothing measured to take a median of, or under 4 rounds for a spread)")
 
     ratios = [gr.tok_s / dr.tok_s for dr, gr in zip(ds, gs)]
     ratio = _median(ratios)
-    noisy = _half_iqr(ratios) > abs(ratio - TARGET_RATIO)
+    noisy = _half_iqr(ratios) > abs(ratio - TARGET_RATIO)  # False when NaN (under 4 rounds)
     verdict = ("PASS" if ratio >= TARGET_RATIO else "MISS") + (
         " (noisy: the spread exceeds the margin)" if noisy else "")
     print("targets:")
@@ -614,7 +760,7 @@ def report(runs: dict[str, list[Run]], prof: Profile, n: int, header: str) -> bo
             print(f"  {p}")
     else:
         print(f"outputs: the same {n} tokens on all four sides: {ds[0].text[:40]!r}...")
-    return ratio >= TARGET_RATIO and not problems
+    return ratio >= TARGET_RATIO and not problems and not prof.decode_problems
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -650,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     guests = build_llm_guests()
     spec = ModelSpec(MODEL_NAME, GraphEncoding.GGML, ExecutionTarget.CPU, (path,))
     host = Host(models=[spec], threads=args.threads, module_cache=False)
+    pool_probe = Probe()  # counts llama_contexts taken / made: a few calls a run, untimed
+    timed_pool = Pool()
     try:
         model_params: list[Any] = []
         ctx_params: list[Any] = []
@@ -657,11 +805,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             host.registry.get(MODEL_NAME)  # loaded before timing
         guest = Guest(host, host.compile(guests["stream"]), host.compile(guests["chat"]),
                       USER_PROMPT)
-        with recording_params(internals.LlamaContext, ctx_params):
-            guest.stream(args.tokens)
-        llm, differences = direct_llama(path, model_params[0], ctx_params[0])
-        direct = Direct(llm, chatml(USER_PROMPT))
-        runs = measure(direct, guest, args.tokens, args.rounds, args.warmup)
+        with pool_probe.install(POOL):
+            with recording_params(internals.LlamaContext, ctx_params):
+                guest.stream(args.tokens)  # the Host's first run: it makes the llama_context
+            if not model_params or not ctx_params:
+                raise SystemExit("the first guest run made no llama_model / llama_context: "
+                                 "cannot give the direct side the same params")
+            llm, differences = direct_llama(path, model_params[0], ctx_params[0])
+            direct = Direct(llm, chatml(USER_PROMPT))
+            runs = measure(direct, guest, args.tokens, args.rounds, args.warmup)
+            timed_pool.add(pool_probe, 1 + 2 * (args.warmup + args.rounds))
     finally:
         host.close()
     threads = ctx_params[0].n_threads
@@ -675,7 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"prompt; {args.rounds} rounds, {args.warmup} warm-up")
     if differences:
         header += "\n  llama.cpp params that differ: " + "; ".join(differences)
-    report(runs, prof, args.tokens, header)
+    else:
+        header += ("\n  llama.cpp params: the same on both sides (model: load_mode "
+                   f"{model_params[0].load_mode}, use_extra_bufts "
+                   f"{model_params[0].use_extra_bufts}; context)")
+    report(runs, prof, timed_pool, args.tokens, header)
     return 0
 
 

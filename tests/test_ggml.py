@@ -379,3 +379,16 @@ def test_cli_preload_ggml(guests: dict[str, Path], tiny: Path, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     expected, _ = direct_completion(tiny, "Once upon", max_tokens=4, temperature=0)
     assert result.stdout == expected + "\n"
+
+
+def test_stream_stdout_prints_pieces_on_the_host(tiny: Path,
+                                                 capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    from wasinn.backends.ggml import GgmlBackend
+    from wasinn.tensor import ExecutionTarget, Tensor, TensorType
+
+    graph = GgmlBackend().load_paths([tiny], ExecutionTarget.CPU)
+    ctx = graph.init_execution_context({"n-predict": 6, "temp": 0, "stream-stdout": True})
+    text = np.frombuffer(b"Once upon", np.uint8)
+    ctx.set_input(0, Tensor((1,), TensorType.U8, text))
+    ctx.compute()
+    assert capsysbinary.readouterr().out == ctx.get_output(0) != b""
