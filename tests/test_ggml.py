@@ -392,3 +392,16 @@ def test_stream_stdout_prints_pieces_on_the_host(tiny: Path,
     ctx.set_input(0, Tensor((1,), TensorType.U8, text))
     ctx.compute()
     assert capsysbinary.readouterr().out == ctx.get_output(0) != b""
+
+
+def test_cli_shows_progress_for_a_large_gguf(guests: dict[str, Path], smollm2: Path,
+                                             tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wasinn", "run", "--cache-dir", str(tmp_path),
+         "--nn-preload", f"default:GGML:AUTO:{smollm2}", str(guests["stream"]),
+         "--n-predict", "2", "--temp", "0", "Hello"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "wasinn: loading model default: 100% of 98.4 MB" in lines
+    assert "wasinn: model default ready" in lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -241,7 +242,7 @@ class _EpochTicker:
                 if self._stopped:
                     return
             self._engine.increment_epoch()
-            threading.Event().wait(EPOCH_TICK_S)
+            time.sleep(EPOCH_TICK_S)
 
     def stop(self) -> None:
         with self._lock:

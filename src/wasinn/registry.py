@@ -116,9 +116,15 @@ class Registry:
             total = sum(p.stat().st_size for p in paths)
         except OSError as e:
             raise missing(f"model {spec.name!r} cannot be read: {e}") from None
-        if isinstance(backend, PathLoader):
-            return backend.load_paths(paths, spec.target)
         report = self._progress if self._progress and total >= self._progress_min_bytes else None
+        if isinstance(backend, PathLoader):
+            name = spec.name
+            hear = None if report is None else (
+                lambda fraction: report(name, int(fraction * total), total, "read"))
+            graph = backend.load_paths(paths, spec.target, progress=hear)
+            if report:
+                report(spec.name, total, total, "ready")
+            return graph
         builders = []
         try:
             for path in paths:

@@ -62,7 +62,10 @@ class PathLoader(Protocol):
     """Optional: a backend whose framework opens model files itself (e.g. llama.cpp's mmap).
     The registry then hands it paths instead of reading the bytes."""
 
-    def load_paths(self, paths: Sequence[Path], target: ExecutionTarget) -> Graph: ...
+    def load_paths(self, paths: Sequence[Path], target: ExecutionTarget,
+                   progress: Callable[[float], None] | None = None) -> Graph:
+        """`progress`, if given, hears the fraction loaded (0..1) as the framework goes."""
+        ...
 
 
 class NotStreaming:

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -134,19 +134,21 @@ class GgmlBackend:
             Path(name).unlink(missing_ok=True)
             raise
 
-    def load_paths(self, paths: Sequence[Path], target: ExecutionTarget) -> GgmlGraph:
+    def load_paths(self, paths: Sequence[Path], target: ExecutionTarget,
+                   progress: Callable[[float], None] | None = None) -> GgmlGraph:
         if not paths:
             raise InvalidArgument("ggml needs the path of a .gguf file")
         if not paths[0].is_file():
             raise ModelNotFound(f"model file {paths[0]} not found")
-        return GgmlGraph(paths[0], self._defaults, target)
+        return GgmlGraph(paths[0], self._defaults, target, progress=progress)
 
 
 class GgmlGraph:
     """One llama_model, shared by its contexts (llama.cpp allows many contexts per model)."""
 
     def __init__(self, path: Path, options: Options, target: ExecutionTarget,
-                 delete_file: bool = False) -> None:
+                 delete_file: bool = False,
+                 progress: Callable[[float], None] | None = None) -> None:
         self.options = options
         self.path = path
         params = llama_cpp.llama_model_default_params()
@@ -160,12 +162,21 @@ class GgmlGraph:
         params.load_mode = (llama_cpp.LLAMA_LOAD_MODE_MMAP if options.use_mmap
                             else llama_cpp.LLAMA_LOAD_MODE_NONE)
         params.use_extra_bufts = options.extra_bufts
+        if progress is not None:
+            def hear(fraction: float, _user_data: Any) -> bool:
+                progress(fraction)
+                return True  # go on loading
+
+            # kept on self: llama.cpp calls it while the model loads
+            self._progress = llama_cpp.llama_progress_callback(hear)
+            params.progress_callback = self._progress
         # llama.cpp logs through llama-cpp-python's logger; quiet unless enable-log
         logging.getLogger("llama-cpp-python").setLevel(
             logging.DEBUG if options.enable_log else logging.ERROR)
         try:
-            self.model = internals.LlamaModel(path_model=str(path), params=params,
-                                              verbose=options.enable_log)
+            # verbose=True only stops llama-cpp-python from pointing fds 1 and 2 at /dev/null
+            # while loading (that would swallow our progress); the logger level above filters
+            self.model = internals.LlamaModel(path_model=str(path), params=params, verbose=True)
         except ValueError as e:
             raise BackendError(f"llama.cpp could not load {path.name}: {e}") from None
         finally:
