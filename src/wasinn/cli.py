@@ -132,7 +132,7 @@ def host_from_args(args: argparse.Namespace) -> Host:
                 timeout=args.timeout,
                 max_tensor_bytes=(parse_size(args.max_tensor_bytes)
                                   if args.max_tensor_bytes is not None else None),
-                module_cache=cache, progress=_print_progress)
+                module_cache=cache, progress=ProgressPrinter())
     for text in args.nn_preload:
         host.add_model(text)
     for text in args.nn_graph:
@@ -150,21 +150,24 @@ def _env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
-_last_percent: dict[str, int] = {}
+class ProgressPrinter:
+    """Prints a large model's load on stderr, a line per tenth."""
 
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
 
-def _print_progress(name: str, done: int, total: int, phase: str) -> None:
-    if phase == "read":
-        percent = done * 100 // max(total, 1)
-        if percent // 10 == _last_percent.get(name, -1) // 10:
-            return
-        _last_percent[name] = percent
-        print(f"wasinn: loading model {name}: {percent}% of {total / 1e6:.1f} MB",
-              file=sys.stderr, flush=True)
-    elif phase == "build":
-        print(f"wasinn: loading model {name}: building", file=sys.stderr, flush=True)
-    else:
-        print(f"wasinn: model {name} ready", file=sys.stderr, flush=True)
+    def __call__(self, name: str, done: int, total: int, phase: str) -> None:
+        if phase == "read":
+            percent = done * 100 // max(total, 1)
+            if percent // 10 == self._last.get(name, -10) // 10:
+                return
+            self._last[name] = percent
+            print(f"wasinn: loading model {name}: {percent}% of {total / 1e6:.1f} MB",
+                  file=sys.stderr, flush=True)
+        elif phase == "build":
+            print(f"wasinn: loading model {name}: building", file=sys.stderr, flush=True)
+        else:
+            print(f"wasinn: model {name} ready", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
