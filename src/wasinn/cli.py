@@ -1,4 +1,5 @@
 """`wasinn run [options] MODULE.wasm [ARGS...]`: run a WASI command with wasi-nn.
+`wasinn serve [options]`: serve the named models over OpenAI's HTTP API.
 
 Every option has the same name in the TOML config file (`--config`), e.g.
     nn-preload = ["mobilenet:onnx:cpu:models/mobilenet.onnx"]
@@ -23,13 +24,14 @@ from typing import Any
 import wasmtime
 
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, WasiNnError
 from .host import GuestTimeout, Host, Preopen
 from .registry import ModelSpec
 
 EXIT_TIMEOUT = 124
 EXIT_TRAP = 134  # what wasmtime's own CLI reports for a trap: 128 + SIGABRT
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -74,7 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log every errno a guest receives, with its reason")
     run.add_argument("module", type=Path, metavar="MODULE.wasm")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+    _add_serve(commands)
     return parser
+
+
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+SERVE_PARALLEL = 2
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve the models over an OpenAI-compatible HTTP API",
+        description="Serve the named models over OpenAI's HTTP API: /v1/chat/completions, "
+                    "/v1/completions, /v1/embeddings, /v1/models, and /health, /metrics.")
+    serve.add_argument("--config", type=Path, help="TOML file whose keys are these options' names")
+    serve.add_argument("--host", metavar="ADDRESS",
+                       help=f"address to listen on (default {SERVE_HOST})")
+    serve.add_argument("--port", type=int, help=f"port to listen on (default {SERVE_PORT})")
+    serve.add_argument("--nn-preload", action="append", default=[],
+                       metavar="NAME:ENC:TARGET:PATH",
+                       help="offer a named model (as `wasinn run`; GGUF chat models: GGML)")
+    serve.add_argument("--chat-model", metavar="NAME",
+                       help="answers chat and completion requests that name a model this server "
+                            "does not offer (without it they are 404)")
+    serve.add_argument("--embedding-model", metavar="NAME",
+                       help="the same, for embedding requests")
+    serve.add_argument("--threads", type=int, help="threads per inference (backend intra-op)")
+    serve.add_argument("--parallel", type=int,
+                       help=f"requests generating at once, each with its own context; more wait "
+                            f"their turn (default {SERVE_PARALLEL})")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
 
 
 _LIST_KEYS = ("nn-preload", "nn-graph", "dir")
@@ -123,6 +155,71 @@ def _relative(key: str, value: str, base: Path) -> str:
         return f"{encoding}{sep}{base / directory}" if sep else value
     host, sep, guest = value.partition(":")
     return f"{base / host}{sep}{guest}"
+
+
+_SERVE_VALUES = {"host": str, "port": int, "chat-model": str, "embedding-model": str,
+                 "threads": int, "parallel": int}
+
+
+def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
+    """`wasinn serve`'s config file: the same rules as `wasinn run`'s."""
+    if args.config is not None:
+        try:
+            data: dict[str, Any] = tomllib.loads(args.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config {args.config}: {e}") from None
+        unknown = sorted(set(data) - set(_SERVE_VALUES) - {"nn-preload", "verbose"})
+        if unknown:
+            raise ConfigError(f"config {args.config}: unknown key(s) {', '.join(unknown)}")
+        preload = data.get("nn-preload", [])
+        if not isinstance(preload, list) or not all(isinstance(v, str) for v in preload):
+            raise ConfigError(f"config {args.config}: nn-preload must be a list of strings")
+        base = args.config.parent
+        args.nn_preload = [_relative("nn-preload", v, base) for v in preload] + args.nn_preload
+        for key, kind in _SERVE_VALUES.items():
+            attr = key.replace("-", "_")
+            if getattr(args, attr) is None and key in data:
+                if not isinstance(data[key], kind) or isinstance(data[key], bool):
+                    raise ConfigError(f"config {args.config}: {key} must be a {kind.__name__}")
+                setattr(args, attr, data[key])
+        args.verbose = args.verbose or bool(data.get("verbose", False))
+    args.host = args.host or SERVE_HOST
+    args.port = SERVE_PORT if args.port is None else args.port
+    args.parallel = SERVE_PARALLEL if args.parallel is None else args.parallel
+    if args.parallel < 1:
+        raise ConfigError("--parallel must be at least 1")
+    if not args.nn_preload:
+        raise ConfigError("no models: give --nn-preload NAME:GGML:AUTO:model.gguf")
+    return args
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"wasinn: `wasinn serve` needs pip install 'wasinn[server]' ({e})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        args = merge_serve_config(args)
+        host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter())
+    except ConfigError as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        for text in args.nn_preload:
+            host.add_model(text)
+        host.registry.preload_all()  # a bad model fails now, not on the first request
+        serve(host, bind=args.host, port=args.port, chat_model=args.chat_model,
+              embedding_model=args.embedding_model, parallel=args.parallel,
+              access_log=args.verbose)
+    except (WasiNnError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C while the models load (uvicorn handles its own)
+        return EXIT_INTERRUPTED
+    finally:
+        host.close()
+    return 0
 
 
 def host_from_args(args: argparse.Namespace) -> Host:
@@ -174,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="wasinn: %(message)s",
                         level=logging.INFO if args.verbose else logging.WARNING)
+    if args.command == "serve":
+        return serve_main(args)
     try:
         args = merge_config(args)
         host = host_from_args(args)

@@ -1,0 +1,22 @@
+"""`wasinn serve`: an OpenAI-compatible HTTP server over the Host's named models.
+
+    from wasinn import Host
+    from wasinn.server import create_app
+    host = Host(models=["chat:GGML:AUTO:SmolLM2-135M-Instruct.Q4_1.gguf"])
+    app = create_app(host, chat_model="chat")      # a FastAPI app: run it on uvicorn
+
+The routes speak OpenAI's API; what answers them is a `Completer` (text) and an `Embedder`
+(vectors). The local ones run the Host's GGUF models in-process; another Completer can stand in
+front of them (a cache) or instead of them, through `create_app(completer=...)`.
+"""
+
+from ._api import (ApiError, Caller, Completer, Completion, Embedder, Embeddings,
+                   GenerationRequest, Message, Sampling, TextStream)
+from ._app import create_app, serve
+from ._local import LocalCompleter, LocalEmbedder
+from ._metrics import Metrics, ServerMetrics
+from ._template import ChatTemplate
+
+__all__ = ["ApiError", "Caller", "ChatTemplate", "Completer", "Completion", "Embedder",
+           "Embeddings", "GenerationRequest", "LocalCompleter", "LocalEmbedder", "Message",
+           "Metrics", "Sampling", "ServerMetrics", "TextStream", "create_app", "serve"]

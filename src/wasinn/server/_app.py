@@ -1,0 +1,288 @@
+"""The FastAPI application: OpenAI's routes over a Completer and an Embedder, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..host import Host
+from . import _openai as oa
+from ._api import ApiError, Completer, Embedder, GenerationRequest, TextStream, model_not_found
+from ._local import LocalCompleter, LocalEmbedder
+from ._metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger("wasinn.server")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+          "/metrics")
+_RECORD = "wasinn.record"
+
+
+class _Record:
+    """What a route learns about its request, for the metrics taken when the answer ends."""
+
+    __slots__ = ("model", "prompt_tokens", "completion_tokens", "status")
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.status: int | None = None  # an error inside a stream that began with 200
+
+
+def _record(request: Request) -> _Record:
+    return request.scope[_RECORD]
+
+
+class _Measure:
+    """ASGI middleware: counts every request when its last byte has gone (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = (path if path in ROUTES
+                 else "/v1/models/{model}" if path.startswith("/v1/models/") else "other")
+        record = scope[_RECORD] = _Record()
+        status = 500
+
+        async def measured(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        self.metrics.in_progress.add(1, route=route)
+        try:
+            await self.app(scope, receive, measured)
+        finally:
+            self.metrics.in_progress.add(-1, route=route)
+            self.metrics.record(route, record.model, record.status or status,
+                                record.prompt_tokens, record.completion_tokens,
+                                time.perf_counter() - start)
+
+
+def _resolve(requested: str, offered: Sequence[str], default: str | None) -> str:
+    """The model a request names if offered, else the server's default for the route."""
+    if requested in offered:
+        return requested
+    if default is not None:
+        return default
+    raise model_not_found(requested, offered)
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _sse(stream: TextStream, maker: oa.ChunkMaker, record: _Record) -> AsyncIterator[str]:
+    """A TextStream as OpenAI's server-sent events, ending with `data: [DONE]`."""
+    try:
+        first = maker.first()
+        if first is not None:
+            yield _event(first)
+        async for piece in stream:
+            yield _event(maker.piece(piece))
+            # pieces already queued come without a pause: let the loop see a client that left
+            await asyncio.sleep(0)
+        completion = stream.completion
+        if completion is None:  # the producer stopped without an answer
+            raise ApiError(500, "the stream ended early", type="server_error")
+        record.prompt_tokens = completion.prompt_tokens
+        record.completion_tokens = completion.completion_tokens
+        for chunk in maker.last(completion):
+            yield _event(chunk)
+        yield "data: [DONE]\n\n"
+    except ApiError as e:
+        record.status = e.status
+        yield _event(e.body())
+    except Exception as e:  # the status line has gone: the client learns of it in the stream
+        log.exception("a stream failed")
+        record.status = 500
+        yield _event(_internal(e).body())
+    finally:
+        await stream.aclose()
+
+
+def _internal(e: BaseException) -> ApiError:
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+def create_app(host: Host, *, chat_model: str | None = None,
+               embedding_model: str | None = None, parallel: int = 2,
+               completer: Completer | None = None, embedder: Embedder | None = None,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """An OpenAI-compatible app over `host`'s models.
+
+    `chat_model` / `embedding_model` answer requests that name a model the server does not
+    offer (without one, such a request is a 404). `parallel` bounds the requests generating
+    at once (and, separately, those embedding). A `completer` or `embedder` given replaces
+    the local one (the caller then owns and closes it); `metrics` may carry more families.
+    """
+    owned: list[LocalCompleter | LocalEmbedder] = []
+    if completer is None:
+        completer = LocalCompleter(host.registry, parallel)
+        owned.append(completer)
+    if embedder is None:
+        embedder = LocalEmbedder(host.registry, parallel)
+        owned.append(embedder)
+    metrics = metrics or ServerMetrics()
+    for flag, name, offered in (("chat-model", chat_model, completer.models()),
+                                ("embedding-model", embedding_model, embedder.models())):
+        if name is not None and name not in offered:
+            for o in owned:
+                o.close()
+            raise ValueError(f"--{flag} {name!r}: not a model this server offers "
+                             f"({', '.join(offered) or 'none'})")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for o in owned:
+            o.close()
+
+    app = FastAPI(title="wasinn", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.host = host
+    app.state.completer = completer
+    app.state.embedder = embedder
+    app.state.metrics = metrics
+    app.add_middleware(_Measure, metrics=metrics)  # type: ignore[arg-type]
+
+    # --- errors, OpenAI's shape ---------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+            loc = []  # the location is a character offset, not a parameter
+        else:
+            where = ".".join(loc) or "body"
+            message = f"{where}: {first.get('msg', 'invalid')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more)"
+        error = ApiError(400, message, param=".".join(loc) or None)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(_internal(e).body(), status_code=500)  # uvicorn logs the traceback
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        error = ApiError(e.status_code, str(e.detail),
+                         code="not_found" if e.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def answer(request: Request, body: oa._GenerationBody, generation: GenerationRequest,
+                     chat: bool) -> Response:
+        record = _record(request)
+        if body.stream:
+            stream = await completer.stream(generation)
+            maker = oa.ChunkMaker(chat, generation.model, body.include_usage)
+            headers = {**stream.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(_sse(stream, maker, record), media_type="text/event-stream",
+                                     headers=headers)
+        completion = await completer.complete(generation)
+        record.prompt_tokens = completion.prompt_tokens
+        record.completion_tokens = completion.completion_tokens
+        make = oa.chat_completion if chat else oa.text_completion
+        content = make(oa.new_id("chatcmpl" if chat else "cmpl"), oa.now(), completion)
+        return JSONResponse(content, headers=dict(completion.headers))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: oa.ChatCompletionBody, request: Request) -> Response:
+        body.refuse_unsupported()
+        model = _resolve(body.model, completer.models(), chat_model)
+        _record(request).model = model
+        generation = GenerationRequest(model=model, sampling=body.to_sampling(),
+                                       messages=body.to_messages(),
+                                       caller=oa.caller(request.headers))
+        return await answer(request, body, generation, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: oa.CompletionBody, request: Request) -> Response:
+        body.refuse_unsupported()
+        model = _resolve(body.model, completer.models(), chat_model)
+        _record(request).model = model
+        generation = GenerationRequest(model=model, sampling=body.sampling(),
+                                       prompt=body.text(), caller=oa.caller(request.headers))
+        return await answer(request, body, generation, chat=False)
+
+    # --- embeddings ---------------------------------------------------------------------------
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: oa.EmbeddingBody, request: Request) -> JSONResponse:
+        model = _resolve(body.model, embedder.models(), embedding_model)
+        record = _record(request)
+        record.model = model
+        result = await embedder.embed(model, body.texts())
+        if body.dimensions is not None and body.dimensions != result.vectors.shape[1]:
+            raise ApiError(400, f"{model} gives {result.vectors.shape[1]} dimensions and cannot "
+                                f"give {body.dimensions}", param="dimensions")
+        record.prompt_tokens = result.prompt_tokens
+        return JSONResponse(oa.embeddings(result, body.encoding_format))
+
+    # --- the rest -----------------------------------------------------------------------------
+
+    started = oa.now()
+
+    def offered() -> list[str]:
+        return sorted(set(completer.models()) | set(embedder.models()))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [oa.model_card(n, started) for n in offered()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name not in offered():
+            raise model_not_found(name, offered())
+        return oa.model_card(name, started)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": offered()}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def serve(host: Host, *, bind: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
+          **options: Any) -> None:
+    """Run the app on uvicorn until interrupted (options: those of create_app). Port 0 takes
+    a free port; uvicorn's start-up line on stderr says which."""
+    import uvicorn
+
+    app = create_app(host, **options)
+    uvicorn.run(app, host=bind, port=port, log_level="info", access_log=access_log)
