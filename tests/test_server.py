@@ -26,7 +26,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx2 as httpx  # noqa: E402  (the HTTP client `openai` itself uses)
-import llama_cpp.llama_cpp as llama_raw  # noqa: E402
+from llama_direct import host_model_params  # noqa: E402
 
 from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
@@ -85,18 +85,8 @@ def client(server: Server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def reference(tiny: Path) -> llama_cpp.Llama:
     """llama-cpp-python on the same GGUF, with the host's model params (no extra buffers)."""
-    original = llama_raw.llama_model_default_params
-
-    def params():  # type: ignore[no-untyped-def]
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_raw.llama_model_default_params = params
-    try:
+    with host_model_params():
         return llama_cpp.Llama(model_path=str(tiny), n_ctx=512, verbose=False)
-    finally:
-        llama_raw.llama_model_default_params = original
 
 
 def chatml(*turns: tuple[str, str]) -> str:
