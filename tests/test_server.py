@@ -427,7 +427,8 @@ def test_cli_serve_from_a_config_file(tiny: Path, tmp_path: Path) -> None:
     (tmp_path / "models" / "tiny.gguf").write_bytes(tiny.read_bytes())
     config = tmp_path / "serve.toml"
     config.write_text('nn-preload = ["tiny:GGML:AUTO:models/tiny.gguf"]\n'  # relative to it
-                      'chat-model = "tiny"\nport = 0\nthreads = 1\n')
+                      'chat-model = "tiny"\nport = 0\nthreads = 1\n'
+                      'cache = "cache.sqlite"\n')  # the semantic cache, beside the config
     process = subprocess.Popen([sys.executable, "-m", "wasinn", "serve", "--config", str(config)],
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -449,10 +450,11 @@ def test_cli_serve_from_a_config_file(tiny: Path, tmp_path: Path) -> None:
         rest = process.communicate(timeout=10)[1]
     assert process.returncode == 0
     assert "Application shutdown complete" in rest
+    assert (tmp_path / "cache.sqlite").is_file()
 
 
 def test_cli_serve_refuses_a_bad_default(tiny: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "wasinn", "serve", "--port", "0",
+    result = subprocess.run([sys.executable, "-m", "wasinn", "serve", "--port", "0", "--no-cache",
                              "--nn-preload", f"tiny:GGML:AUTO:{tiny}", "--chat-model", "nobody"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

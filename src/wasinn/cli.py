@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -83,6 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_PARALLEL = 2
+# the semantic cache's defaults (wasinn.cache, not imported here: it needs the server extra)
+CACHE_THRESHOLD = 0.95
+CACHE_TTL = 7 * 24 * 3600.0
+CACHE_MAX_ENTRIES = 100_000
+
+_DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from `3600`, `90s`, `30m`, `12h`, `7d`."""
+    value = str(text).strip().lower()
+    unit = value[-1:] if value[-1:] in _DURATIONS else ""
+    try:
+        seconds = float(value[:len(value) - len(unit)]) * _DURATIONS.get(unit, 1)
+    except ValueError:
+        raise ConfigError(f"not a duration: {text!r} (try 3600, 30m, 12h or 7d)") from None
+    if not seconds > 0:
+        raise ConfigError(f"duration must be positive: {text!r}")
+    return seconds
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wasinn" / "cache.sqlite"
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -106,6 +131,20 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--parallel", type=int,
                        help=f"requests generating at once, each with its own context; more wait "
                             f"their turn (default {SERVE_PARALLEL})")
+    serve.add_argument("--cache", metavar="PATH",
+                       help="the semantic cache's SQLite file (default "
+                            "$XDG_CACHE_HOME/wasinn/cache.sqlite, else ~/.cache/wasinn/...)")
+    serve.add_argument("--no-cache", action="store_true", default=None,
+                       help="serve without the semantic cache")
+    serve.add_argument("--threshold", type=float, metavar="COSINE",
+                       help=f"cosine similarity a cached question needs to answer (default "
+                            f"{CACHE_THRESHOLD}, untuned)")
+    serve.add_argument("--cache-ttl", metavar="DURATION",
+                       help="how long an answer may be served: seconds, or 30m, 12h, 7d "
+                            "(default 7d)")
+    serve.add_argument("--cache-max-entries", type=int, metavar="N",
+                       help=f"entries kept; the least recently used go first (default "
+                            f"{CACHE_MAX_ENTRIES:,})")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
 
 
@@ -157,8 +196,10 @@ def _relative(key: str, value: str, base: Path) -> str:
     return f"{base / host}{sep}{guest}"
 
 
-_SERVE_VALUES = {"host": str, "port": int, "chat-model": str, "embedding-model": str,
-                 "threads": int, "parallel": int}
+_SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
+    "host": str, "port": int, "chat-model": str, "embedding-model": str, "threads": int,
+    "parallel": int, "cache": str, "no-cache": bool, "threshold": (float, int),
+    "cache-ttl": (str, int, float), "cache-max-entries": int}
 
 
 def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
@@ -179,9 +220,15 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
         for key, kind in _SERVE_VALUES.items():
             attr = key.replace("-", "_")
             if getattr(args, attr) is None and key in data:
-                if not isinstance(data[key], kind) or isinstance(data[key], bool):
-                    raise ConfigError(f"config {args.config}: {key} must be a {kind.__name__}")
-                setattr(args, attr, data[key])
+                kinds = kind if isinstance(kind, tuple) else (kind,)
+                if not isinstance(data[key], kinds) or \
+                        (isinstance(data[key], bool) and bool not in kinds):
+                    names = " or ".join(k.__name__ for k in kinds)
+                    raise ConfigError(f"config {args.config}: {key} must be a {names}")
+                value = data[key]
+                if key == "cache" and "://" not in value:  # a path, relative to the file
+                    value = str(base / Path(value).expanduser())
+                setattr(args, attr, value)
         args.verbose = args.verbose or bool(data.get("verbose", False))
     args.host = args.host or SERVE_HOST
     args.port = SERVE_PORT if args.port is None else args.port
@@ -190,7 +237,42 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--parallel must be at least 1")
     if not args.nn_preload:
         raise ConfigError("no models: give --nn-preload NAME:GGML:AUTO:model.gguf")
+    args.no_cache = bool(args.no_cache)
+    args.threshold = CACHE_THRESHOLD if args.threshold is None else float(args.threshold)
+    if not 0 < args.threshold <= 1:
+        raise ConfigError(f"--threshold must be in (0, 1], got {args.threshold}")
+    args.cache_ttl = CACHE_TTL if args.cache_ttl is None else parse_duration(args.cache_ttl)
+    args.cache_max_entries = (CACHE_MAX_ENTRIES if args.cache_max_entries is None
+                              else args.cache_max_entries)
+    if args.cache_max_entries < 1:
+        raise ConfigError("--cache-max-entries must be at least 1")
+    if args.cache is not None and "://" in args.cache:
+        raise ConfigError(f"--cache {args.cache.split('://')[0]}://...: only a SQLite file "
+                          f"path is supported so far")
     return args
+
+
+def cache_config(args: argparse.Namespace) -> Any:
+    """The semantic cache's settings from merged flags; None without one. The default file
+    that cannot be written means no cache (a warning); a path given that cannot is an error."""
+    if args.no_cache:
+        return None
+    from .cache import CacheConfig
+
+    path = Path(args.cache).expanduser() if args.cache is not None else default_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK) or (path.exists() and
+                                                   not os.access(path, os.W_OK)):
+            raise PermissionError(f"{path}: not writable")
+    except OSError as e:
+        if args.cache is not None:
+            raise ConfigError(f"--cache {args.cache}: {e}") from None
+        print(f"wasinn: warning: serving without the semantic cache ({e}; choose a file with "
+              f"--cache PATH)", file=sys.stderr)
+        return None
+    return CacheConfig(path=path, threshold=args.threshold, ttl=args.cache_ttl,
+                       max_entries=args.cache_max_entries)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -201,6 +283,7 @@ def serve_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         args = merge_serve_config(args)
+        cache = cache_config(args)
         host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter())
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
@@ -210,9 +293,9 @@ def serve_main(args: argparse.Namespace) -> int:
             host.add_model(text)
         host.registry.preload_all()  # a bad model fails now, not on the first request
         serve(host, bind=args.host, port=args.port, chat_model=args.chat_model,
-              embedding_model=args.embedding_model, parallel=args.parallel,
+              embedding_model=args.embedding_model, parallel=args.parallel, cache=cache,
               access_log=args.verbose)
-    except (WasiNnError, ValueError) as e:  # ConfigError is a ValueError
+    except (WasiNnError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C while the models load (uvicorn handles its own)

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +22,9 @@ from . import _openai as oa
 from ._api import ApiError, Completer, Embedder, GenerationRequest, TextStream, model_not_found
 from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import CONTENT_TYPE, ServerMetrics
+
+if TYPE_CHECKING:
+    from ..cache import CacheConfig
 
 log = logging.getLogger("wasinn.server")
 
@@ -129,13 +132,15 @@ def _internal(e: BaseException) -> ApiError:
 def create_app(host: Host, *, chat_model: str | None = None,
                embedding_model: str | None = None, parallel: int = 2,
                completer: Completer | None = None, embedder: Embedder | None = None,
-               metrics: ServerMetrics | None = None) -> FastAPI:
+               metrics: ServerMetrics | None = None,
+               cache: CacheConfig | None = None) -> FastAPI:
     """An OpenAI-compatible app over `host`'s models.
 
     `chat_model` / `embedding_model` answer requests that name a model the server does not
     offer (without one, such a request is a 404). `parallel` bounds the requests generating
     at once (and, separately, those embedding). A `completer` or `embedder` given replaces
     the local one (the caller then owns and closes it); `metrics` may carry more families.
+    `cache` puts a semantic cache in front of the completer (the app opens and closes it).
     """
     owned: list[LocalCompleter | LocalEmbedder] = []
     if completer is None:
@@ -152,10 +157,22 @@ def create_app(host: Host, *, chat_model: str | None = None,
                 o.close()
             raise ValueError(f"--{flag} {name!r}: not a model this server offers "
                              f"({', '.join(offered) or 'none'})")
+    semantic = None
+    if cache is not None:
+        try:
+            semantic = _semantic_cache(cache, host, completer, embedder, embedding_model,
+                                       metrics)
+        except BaseException:
+            for o in owned:
+                o.close()
+            raise
+        completer = semantic
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        if semantic is not None:
+            await semantic.close()
         for o in owned:
             o.close()
 
@@ -276,6 +293,27 @@ def create_app(host: Host, *, chat_model: str | None = None,
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _semantic_cache(config: CacheConfig, host: Host, completer: Completer, embedder: Embedder,
+                    embedding_model: str | None, metrics: ServerMetrics) -> Any:
+    """The SemanticCache in front of `completer`, on a SQLite store at `config.path`."""
+    from ..cache import SemanticCache, SQLiteStore, registry_versions
+
+    offered = list(embedder.models())
+    model = config.embedding_model or embedding_model or (offered[0] if offered else None)
+    if model is None:
+        raise ValueError("the semantic cache needs an embedding model and the server offers "
+                         "none (or run without the cache: --no-cache)")
+    if model not in offered:
+        raise ValueError(f"the semantic cache's embedding model {model!r} is not one this "
+                         f"server offers ({', '.join(offered) or 'none'})")
+    store = SQLiteStore(config.path)
+    log.info("semantic cache: %s (%d entries), embeddings from %s, threshold %s",
+             config.path, store.size(), model, config.threshold)
+    return SemanticCache(completer, embedder, model, store, threshold=config.threshold,
+                         ttl=config.ttl, max_entries=config.max_entries, metrics=metrics,
+                         model_version=registry_versions(host.registry))
 
 
 def serve(host: Host, *, bind: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
