@@ -12,10 +12,8 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("numkong")
 import httpx2 as httpx  # noqa: E402  (the HTTP client `openai` itself uses)
 
+from loopback import LoopbackServer  # noqa: E402
 from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cache import (CacheConfig, Entry, SemanticCache, SQLiteStore, cache_mode,  # noqa: E402
@@ -42,30 +41,8 @@ QUESTION = "What is the capital of France?"
 REWORDED = "what's the capital city of France"
 
 
-class Server:
-    """create_app on uvicorn in a background thread, on a socket bound before it starts."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "no start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._sock.close()
+class Server(LoopbackServer):
+    """The server, with its cache and clients at hand."""
 
     @property
     def cache(self) -> SemanticCache:
