@@ -170,6 +170,9 @@ def test_metadata_precedence_and_counts(ex: Exerciser, tiny: Path) -> None:
     assert counts(ex, ctx)["output_tokens"] == 5
     errno, text, written = ex.get_output(ctx, 0, 4096)
     assert errno == 0 and len(text) == written > 0
+    bad = np.frombuffer(b'{"n-predict": "\xff"}', np.uint8)  # not UTF-8
+    assert ex.set_input(ctx, 1, U8, bad, dims=[1]) == Errno.INVALID_ARGUMENT
+    assert "metadata is not UTF-8" in ex.last_error
 
 
 def generate(ex: Exerciser, config: dict, text: str) -> str:

@@ -8,7 +8,6 @@ mistake never becomes a trap or a Python exception in the host.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import struct
@@ -20,6 +19,7 @@ import numpy as np
 import wasmtime
 
 from ..backends import Backends, ExecutionContext, Graph
+from .._json import json_object
 from ..errors import BackendError, Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
 from ..registry import Registry
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
@@ -186,7 +186,7 @@ class WitxAbi:
             config_ptr, config_len = config
             if config_len > _MAX_CONFIG:
                 raise TooLarge(f"config longer than {_MAX_CONFIG} bytes")
-            settings = _json_object(mem.read(config_ptr, config_len))
+            settings = json_object(mem.read(config_ptr, config_len), "config")
         mem.check(graph_out, 4)
         handle = state.graph_by_name.get(name)
         if handle is None or handle not in state.graphs:
@@ -372,17 +372,3 @@ def _utf8(raw: bytes, what: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument(f"{what} is not UTF-8") from None
-
-
-def _json_object(raw: bytes) -> dict:
-    text = _utf8(raw, "config").strip().rstrip("\x00")
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"config is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument("config must be a JSON object")
-    return value
-

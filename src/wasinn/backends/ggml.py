@@ -26,6 +26,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp.llama_grammar import LlamaGrammar
 
+from .._json import json_object
 from ..errors import (BackendError, ContextFull, EndOfSequence, InvalidArgument, ModelNotFound,
                       PromptTooLong, UnsupportedOperation)
 from ..tensor import ExecutionTarget, GraphEncoding, Tensor
@@ -71,7 +72,7 @@ class Options:
         """These options with `settings` (JSON keys, dashes or underscores) laid over them."""
         if not settings:
             return self
-        known = {f.name: f.type for f in fields(self)}
+        known = {f.name for f in fields(self)}
         changes: dict[str, Any] = {}
         for key, value in settings.items():
             name = key.replace("-", "_")
@@ -98,19 +99,6 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-def _metadata(raw: bytes | memoryview) -> dict[str, Any]:
-    text = bytes(raw).decode("utf-8", errors="strict").strip().rstrip("\x00")
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"metadata is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument("metadata must be a JSON object")
-    return value
-
-
 class GgmlBackend:
     encoding = GraphEncoding.GGML
     graph_files = ("model.gguf",)
@@ -124,7 +112,7 @@ class GgmlBackend:
         llama.cpp opens files, so the bytes go to a private temporary file first."""
         if not 1 <= len(builders) <= 2:
             raise InvalidArgument(f"ggml takes 1 or 2 builders, got {len(builders)}")
-        options = self._defaults.merged(_metadata(builders[1]) if len(builders) == 2 else None)
+        options = self._defaults.merged(json_object(builders[1], "metadata") if len(builders) == 2 else None)
         fd, name = tempfile.mkstemp(suffix=".gguf", prefix="wasinn-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -288,7 +276,7 @@ class GgmlContext:
             # tokenized now, so input_tokens (output 1) can be read before compute
             self._prompt = self._model.tokenize(raw, add_bos=True, special=True)
         elif index == 1:
-            self._input_options = self._options.merged(_metadata(raw))
+            self._input_options = self._options.merged(json_object(raw, "metadata"))
         else:
             raise InvalidArgument(f"ggml takes input 0 (prompt) and 1 (metadata), not {index}")
 
