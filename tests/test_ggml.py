@@ -354,13 +354,19 @@ def test_reused_llama_context_forgets_the_last_guest(guests: dict[str, Path], ti
     assert len(graph._idle) == 1  # the one context, back in the pool
 
 
-def test_cli_preload_ggml(guests: dict[str, Path], tiny: Path, tmp_path: Path) -> None:
+def stream_cli(guests: dict[str, Path], model: Path, cache: Path,
+               *args: str) -> subprocess.CompletedProcess[str]:
+    """`wasinn run` of the stream guest with `model` preloaded as `default`."""
     result = subprocess.run(
-        [sys.executable, "-m", "wasinn", "run", "--cache-dir", str(tmp_path),
-         "--nn-preload", f"default:GGML:AUTO:{tiny}", str(guests["stream"]),
-         "--n-predict", "4", "--temp", "0", "Once upon"],
-        capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "wasinn", "run", "--cache-dir", str(cache),
+         "--nn-preload", f"default:GGML:AUTO:{model}", str(guests["stream"]), *args],
+        capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_cli_preload_ggml(guests: dict[str, Path], tiny: Path, tmp_path: Path) -> None:
+    result = stream_cli(guests, tiny, tmp_path, "--n-predict", "4", "--temp", "0", "Once upon")
     expected, _ = direct_completion(tiny, "Once upon", max_tokens=4, temperature=0)
     assert result.stdout == expected + "\n"
 
@@ -380,12 +386,7 @@ def test_stream_stdout_prints_pieces_on_the_host(tiny: Path,
 
 def test_cli_shows_progress_for_a_large_gguf(guests: dict[str, Path], smollm2: Path,
                                              tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "wasinn", "run", "--cache-dir", str(tmp_path),
-         "--nn-preload", f"default:GGML:AUTO:{smollm2}", str(guests["stream"]),
-         "--n-predict", "2", "--temp", "0", "Hello"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = stream_cli(guests, smollm2, tmp_path, "--n-predict", "2", "--temp", "0", "Hello")
     lines = result.stderr.splitlines()
     assert "wasinn: loading model default: 100% of 98.4 MB" in lines
     assert "wasinn: model default ready" in lines
