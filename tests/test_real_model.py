@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from wasinn import Host
@@ -23,16 +24,27 @@ def parse_top5(text: str) -> list[tuple[int, float, str]]:
     return rows
 
 
-@pytest.mark.parametrize("load", ["by-name", "by-bytes"])
-def test_classifier_matches_onnxruntime(load: str, guests: dict[str, Path], example_assets: Path,
-                                        reference, tmp_path: Path) -> None:
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.parametrize("load,target", [
+    ("by-name", "cpu"),
+    ("by-bytes", "cpu"),
+    pytest.param("by-name", "gpu", marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")),
+])
+def test_classifier_matches_onnxruntime(load: str, target: str, guests: dict[str, Path],
+                                        example_assets: Path, reference, tmp_path: Path) -> None:
     model = example_assets / "efficientnet-lite0" / "model.onnx"
-    host = Host(models=[f"efficientnet-lite0:onnx:cpu:{model}"], module_cache=tmp_path)
+    host = Host(models=[f"efficientnet-lite0:onnx:{target}:{model}"], module_cache=tmp_path)
     model_arg = "efficientnet-lite0" if load == "by-name" else "/data/efficientnet-lite0/model.onnx"
     out: list[bytes] = []
     code = host.run(guests["classify"], [model_arg, "/data/chelsea.ppm", "/data/imagenet_labels.txt"],
                     dirs=[f"{example_assets}:/data"], stdout=out.append)
     assert code == 0
+    if target == "gpu":
+        session = host.registry.get("efficientnet-lite0").session
+        assert session.get_providers()[0] == "CUDAExecutionProvider"
     got = parse_top5(b"".join(out).decode())
     expected = reference.top5(model, example_assets / "chelsea.ppm",
                               reference.load_labels(example_assets / "imagenet_labels.txt"))
