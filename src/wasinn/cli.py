@@ -122,7 +122,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--nn-preload", action="append", default=[],
                        metavar="NAME:ENC:TARGET:PATH",
                        help="offer a named model (as `wasinn run`; GGUF chat models: GGML, "
-                            "sentence-embedding models: ONNX)")
+                            "sentence-embedding models: ONNX); without any, the defaults: "
+                            "smollm2 (chat) and minilm (embeddings)")
     serve.add_argument("--chat-model", metavar="NAME",
                        help="answers chat and completion requests that name a model this server "
                             "does not offer (without it they are 404)")
@@ -241,8 +242,12 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     args.parallel = SERVE_PARALLEL if args.parallel is None else args.parallel
     if args.parallel < 1:
         raise ConfigError("--parallel must be at least 1")
-    if not args.nn_preload:
-        raise ConfigError("no models: give --nn-preload NAME:GGML:AUTO:model.gguf")
+    if not args.nn_preload:  # the defaults; any --nn-preload replaces them all
+        from .server import _defaults
+
+        args.nn_preload = _defaults.default_preloads()
+        args.chat_model = args.chat_model or _defaults.CHAT_MODEL
+        args.embedding_model = args.embedding_model or _defaults.EMBEDDING_MODEL
     args.no_cache = bool(args.no_cache)
     args.threshold = CACHE_THRESHOLD if args.threshold is None else float(args.threshold)
     if not 0 < args.threshold <= 1:
