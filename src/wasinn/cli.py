@@ -121,12 +121,18 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help=f"port to listen on (default {SERVE_PORT})")
     serve.add_argument("--nn-preload", action="append", default=[],
                        metavar="NAME:ENC:TARGET:PATH",
-                       help="offer a named model (as `wasinn run`; GGUF chat models: GGML)")
+                       help="offer a named model (as `wasinn run`; GGUF chat models: GGML, "
+                            "sentence-embedding models: ONNX); without any, the defaults: "
+                            "smollm2 (chat) and minilm (embeddings)")
     serve.add_argument("--chat-model", metavar="NAME",
                        help="answers chat and completion requests that name a model this server "
                             "does not offer (without it they are 404)")
     serve.add_argument("--embedding-model", metavar="NAME",
                        help="the same, for embedding requests")
+    serve.add_argument("--embedding-tokenizer", metavar="PATH",
+                       help="the ONNX embedding models' tokenizer: a tokenizer.json, or a BERT "
+                            "vocab.txt (lower-cased WordPiece); default: BERT uncased's, "
+                            "all-MiniLM-L6-v2's")
     serve.add_argument("--threads", type=int, help="threads per inference (backend intra-op)")
     serve.add_argument("--parallel", type=int,
                        help=f"requests generating at once, each with its own context; more wait "
@@ -197,7 +203,8 @@ def _relative(key: str, value: str, base: Path) -> str:
 
 
 _SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
-    "host": str, "port": int, "chat-model": str, "embedding-model": str, "threads": int,
+    "host": str, "port": int, "chat-model": str, "embedding-model": str,
+    "embedding-tokenizer": str, "threads": int,
     "parallel": int, "cache": str, "no-cache": bool, "threshold": (float, int),
     "cache-ttl": (str, int, float), "cache-max-entries": int}
 
@@ -226,8 +233,8 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
                     names = " or ".join(k.__name__ for k in kinds)
                     raise ConfigError(f"config {args.config}: {key} must be a {names}")
                 value = data[key]
-                if key == "cache" and "://" not in value:  # a path, relative to the file
-                    value = str(base / Path(value).expanduser())
+                if key == "embedding-tokenizer" or (key == "cache" and "://" not in value):
+                    value = str(base / Path(value).expanduser())  # a path, relative to the file
                 setattr(args, attr, value)
         args.verbose = args.verbose or bool(data.get("verbose", False))
     args.host = args.host or SERVE_HOST
@@ -235,8 +242,12 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     args.parallel = SERVE_PARALLEL if args.parallel is None else args.parallel
     if args.parallel < 1:
         raise ConfigError("--parallel must be at least 1")
-    if not args.nn_preload:
-        raise ConfigError("no models: give --nn-preload NAME:GGML:AUTO:model.gguf")
+    if not args.nn_preload:  # the defaults; any --nn-preload replaces them all
+        from .server import _defaults
+
+        args.nn_preload = _defaults.default_preloads()
+        args.chat_model = args.chat_model or _defaults.CHAT_MODEL
+        args.embedding_model = args.embedding_model or _defaults.EMBEDDING_MODEL
     args.no_cache = bool(args.no_cache)
     args.threshold = CACHE_THRESHOLD if args.threshold is None else float(args.threshold)
     if not 0 < args.threshold <= 1:
@@ -294,6 +305,8 @@ def serve_main(args: argparse.Namespace) -> int:
         host.registry.preload_all()  # a bad model fails now, not on the first request
         serve(host, bind=args.host, port=args.port, chat_model=args.chat_model,
               embedding_model=args.embedding_model, parallel=args.parallel, cache=cache,
+              embedding_tokenizer=(None if args.embedding_tokenizer is None
+                                   else Path(args.embedding_tokenizer)),
               access_log=args.verbose)
     except (WasiNnError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"wasinn: {e}", file=sys.stderr)

@@ -6,8 +6,10 @@
     app = create_app(host, chat_model="chat")      # a FastAPI app: run it on uvicorn
 
 The routes speak OpenAI's API; what answers them is a `Completer` (text) and an `Embedder`
-(vectors). The local ones run the Host's GGUF models in-process; another Completer can stand in
-front of them (a cache) or instead of them, through `create_app(completer=...)`.
+(vectors). The local ones run the Host's models in-process: GGUF chat models, and embeddings
+from GGUF models or ONNX sentence-embedding models (`OnnxEmbedder`, e.g. all-MiniLM-L6-v2);
+another Completer can stand in front of them (a cache) or instead of them, through
+`create_app(completer=...)`.
 """
 
 from ._api import (ApiError, Caller, Completer, Completion, Embedder, Embeddings,
@@ -15,8 +17,10 @@ from ._api import (ApiError, Caller, Completer, Completion, Embedder, Embeddings
 from ._app import create_app, serve
 from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import Metrics, ServerMetrics
+from ._sentence import EmbedderRouter, OnnxEmbedder
 from ._template import ChatTemplate
 
 __all__ = ["ApiError", "Caller", "ChatTemplate", "Completer", "Completion", "Embedder",
-           "Embeddings", "GenerationRequest", "LocalCompleter", "LocalEmbedder", "Message",
-           "Metrics", "Sampling", "ServerMetrics", "TextStream", "create_app", "serve"]
+           "EmbedderRouter", "Embeddings", "GenerationRequest", "LocalCompleter",
+           "LocalEmbedder", "Message", "Metrics", "OnnxEmbedder", "Sampling", "ServerMetrics",
+           "TextStream", "create_app", "serve"]

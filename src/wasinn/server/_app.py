@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from . import _openai as oa
 from ._api import ApiError, Completer, Embedder, GenerationRequest, TextStream, model_not_found
 from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import CONTENT_TYPE, ServerMetrics
+from ._sentence import EmbedderRouter, OnnxEmbedder
 
 if TYPE_CHECKING:
     from ..cache import CacheConfig
@@ -133,7 +135,8 @@ def create_app(host: Host, *, chat_model: str | None = None,
                embedding_model: str | None = None, parallel: int = 2,
                completer: Completer | None = None, embedder: Embedder | None = None,
                metrics: ServerMetrics | None = None,
-               cache: CacheConfig | None = None) -> FastAPI:
+               cache: CacheConfig | None = None,
+               embedding_tokenizer: Path | None = None) -> FastAPI:
     """An OpenAI-compatible app over `host`'s models.
 
     `chat_model` / `embedding_model` answer requests that name a model the server does not
@@ -141,13 +144,23 @@ def create_app(host: Host, *, chat_model: str | None = None,
     at once (and, separately, those embedding). A `completer` or `embedder` given replaces
     the local one (the caller then owns and closes it); `metrics` may carry more families.
     `cache` puts a semantic cache in front of the completer (the app opens and closes it).
+    Embeddings come from the GGUF models (ggml) and the ONNX ones (BERT-style sentence models,
+    tokenized with `embedding_tokenizer`: a tokenizer.json or a BERT vocab.txt; None: the
+    BERT uncased vocabulary wasinn ships, all-MiniLM-L6-v2's).
     """
-    owned: list[LocalCompleter | LocalEmbedder] = []
+    owned: list[LocalCompleter | EmbedderRouter] = []
     if completer is None:
         completer = LocalCompleter(host.registry, parallel)
         owned.append(completer)
     if embedder is None:
-        embedder = LocalEmbedder(host.registry, parallel)
+        try:
+            onnx = OnnxEmbedder(host.registry, parallel, tokenizer=embedding_tokenizer)
+        except BaseException:
+            for o in owned:
+                o.close()
+            raise
+        # ONNX first: the cache's default embedding model is the first offered
+        embedder = EmbedderRouter(onnx, LocalEmbedder(host.registry, parallel))
         owned.append(embedder)
     metrics = metrics or ServerMetrics()
     for flag, name, offered in (("chat-model", chat_model, completer.models()),
