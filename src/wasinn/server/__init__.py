@@ -7,7 +7,8 @@
 
 The routes speak OpenAI's API; what answers them is a `Completer` (text) and an `Embedder`
 (vectors). The local ones run the Host's GGUF models in-process; another Completer can stand in
-front of them (a cache) or instead of them, through `create_app(completer=...)`.
+front of them (a cache) or instead of them, through `create_app(completer=...)`;
+`create_app(upstream=UpstreamConfig(url))` sends the other models' requests to an upstream API.
 """
 
 from ._api import (ApiError, Caller, Completer, Completion, Embedder, Embeddings,
@@ -16,7 +17,9 @@ from ._app import create_app, serve
 from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import Metrics, ServerMetrics
 from ._template import ChatTemplate
+from ._upstream import UpstreamCompleter, UpstreamConfig
 
 __all__ = ["ApiError", "Caller", "ChatTemplate", "Completer", "Completion", "Embedder",
            "Embeddings", "GenerationRequest", "LocalCompleter", "LocalEmbedder", "Message",
-           "Metrics", "Sampling", "ServerMetrics", "TextStream", "create_app", "serve"]
+           "Metrics", "Sampling", "ServerMetrics", "TextStream", "UpstreamCompleter",
+           "UpstreamConfig", "create_app", "serve"]
