@@ -88,6 +88,8 @@ SERVE_PARALLEL = 2
 CACHE_THRESHOLD = 0.95
 CACHE_TTL = 7 * 24 * 3600.0
 CACHE_MAX_ENTRIES = 100_000
+UPSTREAM_TIMEOUT = 60.0
+UPSTREAM_KEY_ENV = "WASINN_UPSTREAM_API_KEY"
 
 _DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -151,6 +153,16 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--cache-max-entries", type=int, metavar="N",
                        help=f"entries kept; the least recently used go first (default "
                             f"{CACHE_MAX_ENTRIES:,})")
+    serve.add_argument("--upstream", metavar="URL",
+                       help="send chat and completion requests for any model but the local "
+                            "ones to this OpenAI-compatible API (its base URL, e.g. "
+                            "https://api.openai.com/v1), the semantic cache in front")
+    serve.add_argument("--upstream-timeout", type=float, metavar="SECONDS",
+                       help=f"wait at most this long for the upstream to connect, and for "
+                            f"each piece of an answer (default {UPSTREAM_TIMEOUT:g})")
+    serve.add_argument("--upstream-key", metavar="KEY",
+                       help=f"the upstream's API key for clients that send no Authorization "
+                            f"(theirs goes through as it is); better: ${UPSTREAM_KEY_ENV}")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
 
 
@@ -206,7 +218,8 @@ _SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "chat-model": str, "embedding-model": str,
     "embedding-tokenizer": str, "threads": int,
     "parallel": int, "cache": str, "no-cache": bool, "threshold": (float, int),
-    "cache-ttl": (str, int, float), "cache-max-entries": int}
+    "cache-ttl": (str, int, float), "cache-max-entries": int, "upstream": str,
+    "upstream-timeout": (float, int), "upstream-key": str}
 
 
 def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
@@ -245,9 +258,22 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     if not args.nn_preload:  # the defaults; any --nn-preload replaces them all
         from .server import _defaults
 
-        args.nn_preload = _defaults.default_preloads()
-        args.chat_model = args.chat_model or _defaults.CHAT_MODEL
+        # with an upstream, chat goes there: only the cache's embedding model is local
+        args.nn_preload = _defaults.default_preloads(chat=args.upstream is None)
+        if args.upstream is None:
+            args.chat_model = args.chat_model or _defaults.CHAT_MODEL
         args.embedding_model = args.embedding_model or _defaults.EMBEDDING_MODEL
+    if args.upstream is None:
+        for flag in ("upstream-timeout", "upstream-key"):
+            if getattr(args, flag.replace("-", "_")) is not None:
+                raise ConfigError(f"--{flag} needs --upstream URL")
+    elif args.chat_model is not None:
+        raise ConfigError(f"--chat-model and --upstream: with an upstream, a model this server "
+                          f"does not offer is the upstream's to answer (drop --chat-model)")
+    args.upstream_timeout = (UPSTREAM_TIMEOUT if args.upstream_timeout is None
+                             else float(args.upstream_timeout))
+    if not args.upstream_timeout > 0:
+        raise ConfigError(f"--upstream-timeout must be positive, got {args.upstream_timeout}")
     args.no_cache = bool(args.no_cache)
     args.threshold = CACHE_THRESHOLD if args.threshold is None else float(args.threshold)
     if not 0 < args.threshold <= 1:
@@ -286,6 +312,20 @@ def cache_config(args: argparse.Namespace) -> Any:
                        max_entries=args.cache_max_entries)
 
 
+def upstream_config(args: argparse.Namespace) -> Any:
+    """The upstream's settings from merged flags (the key: flag, config, environment); None
+    without --upstream."""
+    if args.upstream is None:
+        return None
+    from .server import UpstreamConfig
+
+    key = args.upstream_key or os.environ.get(UPSTREAM_KEY_ENV) or None
+    try:
+        return UpstreamConfig(url=args.upstream, timeout=args.upstream_timeout, api_key=key)
+    except ValueError as e:
+        raise ConfigError(f"--upstream: {e}") from None
+
+
 def serve_main(args: argparse.Namespace) -> int:
     try:
         from .server import serve
@@ -295,6 +335,7 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         args = merge_serve_config(args)
         cache = cache_config(args)
+        upstream = upstream_config(args)
         host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter())
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
@@ -307,7 +348,7 @@ def serve_main(args: argparse.Namespace) -> int:
               embedding_model=args.embedding_model, parallel=args.parallel, cache=cache,
               embedding_tokenizer=(None if args.embedding_tokenizer is None
                                    else Path(args.embedding_tokenizer)),
-              access_log=args.verbose)
+              upstream=upstream, access_log=args.verbose)
     except (WasiNnError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,7 +9,8 @@ The routes speak OpenAI's API; what answers them is a `Completer` (text) and an 
 (vectors). The local ones run the Host's models in-process: GGUF chat models, and embeddings
 from GGUF models or ONNX sentence-embedding models (`OnnxEmbedder`, e.g. all-MiniLM-L6-v2);
 another Completer can stand in front of them (a cache) or instead of them, through
-`create_app(completer=...)`.
+`create_app(completer=...)`; `create_app(upstream=UpstreamConfig(url))` sends the other
+models' requests to an upstream API.
 """
 
 from ._api import (ApiError, Caller, Completer, Completion, Embedder, Embeddings,
@@ -19,8 +20,9 @@ from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import Metrics, ServerMetrics
 from ._sentence import EmbedderRouter, OnnxEmbedder
 from ._template import ChatTemplate
+from ._upstream import UpstreamCompleter, UpstreamConfig
 
 __all__ = ["ApiError", "Caller", "ChatTemplate", "Completer", "Completion", "Embedder",
            "EmbedderRouter", "Embeddings", "GenerationRequest", "LocalCompleter",
            "LocalEmbedder", "Message", "Metrics", "OnnxEmbedder", "Sampling", "ServerMetrics",
-           "TextStream", "create_app", "serve"]
+           "TextStream", "UpstreamCompleter", "UpstreamConfig", "create_app", "serve"]

@@ -56,7 +56,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: the bearer token (None without one) and the request's headers, lower-cased."""
+    """Who asks: the bearer token (the whole Authorization for another scheme; None without
+    one) and the request's headers, lower-cased."""
 
     api_key: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)

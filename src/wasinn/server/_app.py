@@ -24,6 +24,7 @@ from ._api import ApiError, Completer, Embedder, GenerationRequest, TextStream, 
 from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import CONTENT_TYPE, ServerMetrics
 from ._sentence import EmbedderRouter, OnnxEmbedder
+from ._upstream import LocalOrUpstream, UpstreamCompleter, UpstreamConfig
 
 if TYPE_CHECKING:
     from ..cache import CacheConfig
@@ -136,7 +137,8 @@ def create_app(host: Host, *, chat_model: str | None = None,
                completer: Completer | None = None, embedder: Embedder | None = None,
                metrics: ServerMetrics | None = None,
                cache: CacheConfig | None = None,
-               embedding_tokenizer: Path | None = None) -> FastAPI:
+               embedding_tokenizer: Path | None = None,
+               upstream: UpstreamConfig | None = None) -> FastAPI:
     """An OpenAI-compatible app over `host`'s models.
 
     `chat_model` / `embedding_model` answer requests that name a model the server does not
@@ -147,7 +149,12 @@ def create_app(host: Host, *, chat_model: str | None = None,
     Embeddings come from the GGUF models (ggml) and the ONNX ones (BERT-style sentence models,
     tokenized with `embedding_tokenizer`: a tokenizer.json or a BERT vocab.txt; None: the
     BERT uncased vocabulary wasinn ships, all-MiniLM-L6-v2's).
+    `upstream` sends chat and completion requests for any model but the local ones to an
+    OpenAI-compatible API (so there is no `chat_model` to fall back on).
     """
+    if upstream is not None and chat_model is not None:
+        raise ValueError(f"--chat-model {chat_model!r} and --upstream: with an upstream, a "
+                         f"model this server does not offer is the upstream's to answer")
     owned: list[LocalCompleter | EmbedderRouter] = []
     if completer is None:
         completer = LocalCompleter(host.registry, parallel)
@@ -170,6 +177,10 @@ def create_app(host: Host, *, chat_model: str | None = None,
                 o.close()
             raise ValueError(f"--{flag} {name!r}: not a model this server offers "
                              f"({', '.join(offered) or 'none'})")
+    remote = None
+    if upstream is not None:
+        remote = UpstreamCompleter(upstream)
+        completer = LocalOrUpstream(completer, remote)
     semantic = None
     if cache is not None:
         try:
@@ -186,6 +197,8 @@ def create_app(host: Host, *, chat_model: str | None = None,
         yield
         if semantic is not None:
             await semantic.close()
+        if remote is not None:
+            await remote.aclose()
         for o in owned:
             o.close()
 
@@ -247,10 +260,15 @@ def create_app(host: Host, *, chat_model: str | None = None,
         content = make(oa.new_id("chatcmpl" if chat else "cmpl"), oa.now(), completion)
         return JSONResponse(content, headers=dict(completion.headers))
 
+    def chat_target(name: str) -> str:
+        if remote is not None:
+            return name  # the upstream says whether it has it
+        return _resolve(name, completer.models(), chat_model)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatCompletionBody, request: Request) -> Response:
         body.refuse_unsupported()
-        model = _resolve(body.model, completer.models(), chat_model)
+        model = chat_target(body.model)
         _record(request).model = model
         generation = GenerationRequest(model=model, sampling=body.to_sampling(),
                                        messages=body.to_messages(),
@@ -260,7 +278,7 @@ def create_app(host: Host, *, chat_model: str | None = None,
     @app.post("/v1/completions")
     async def completions(body: oa.CompletionBody, request: Request) -> Response:
         body.refuse_unsupported()
-        model = _resolve(body.model, completer.models(), chat_model)
+        model = chat_target(body.model)
         _record(request).model = model
         generation = GenerationRequest(model=model, sampling=body.sampling(),
                                        prompt=body.text(), caller=oa.caller(request.headers))
@@ -287,14 +305,23 @@ def create_app(host: Host, *, chat_model: str | None = None,
     def offered() -> list[str]:
         return sorted(set(completer.models()) | set(embedder.models()))
 
+    async def listed(request: Request) -> list[str]:
+        """The local models and those the upstream lists for this caller's key."""
+        if remote is None:
+            return offered()
+        upstream_models = await remote.list_models(oa.caller(request.headers))
+        return sorted(set(offered()) | set(upstream_models))
+
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [oa.model_card(n, started) for n in offered()]}
+    async def models(request: Request) -> dict[str, Any]:
+        names = await listed(request)
+        return {"object": "list", "data": [oa.model_card(n, started) for n in names]}
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str) -> dict[str, Any]:
-        if name not in offered():
-            raise model_not_found(name, offered())
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        names = await listed(request)
+        if name not in names:
+            raise model_not_found(name, names)
         return oa.model_card(name, started)
 
     @app.get("/health")

@@ -31,10 +31,13 @@ def package_file(package: str, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def default_preloads() -> list[str]:
-    """`--nn-preload` specs of the default models; ConfigError if their packages are missing."""
+def default_preloads(chat: bool = True) -> list[str]:
+    """`--nn-preload` specs of the default models (without the chat model: the embedding one
+    alone); ConfigError if their packages are missing."""
     specs, missing = [], []
     for name, encoding, target, package, file in _MODELS:
+        if name == CHAT_MODEL and not chat:
+            continue
         path = package_file(package, file)
         if path is None:
             missing.append(package.replace("_", "-"))

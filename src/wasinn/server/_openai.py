@@ -177,11 +177,12 @@ class EmbeddingBody(_Body):
 
 
 def caller(headers: Any) -> Caller:
-    """Who asks, from the HTTP headers (a Starlette Headers or a mapping)."""
+    """Who asks, from the HTTP headers (a Starlette Headers or a mapping). The key is the bearer
+    token, or the whole Authorization of another scheme: two credentials are never one tenant."""
     lowered = {k.lower(): v for k, v in headers.items()}
-    auth = lowered.get("authorization", "")
+    auth = lowered.get("authorization", "").strip()
     scheme, _, token = auth.partition(" ")
-    api_key = token.strip() if scheme.lower() == "bearer" else ""
+    api_key = token.strip() if scheme.lower() == "bearer" else auth
     return Caller(api_key=api_key or None, headers=lowered)
 
 
