@@ -221,12 +221,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_server_processes_share_one_cache(tiny: Path, postgres_dsn: str,
                                               tmp_path: Path) -> None:
-    args = ["--nn-preload", f"tiny:GGML:AUTO:{tiny}", "--chat-model", "tiny",
-            "--cache", postgres_dsn]
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    first, first_url = start(args, env)
+    first, first_url = start(["--nn-preload", f"tiny:GGML:AUTO:{tiny}", "--chat-model", "tiny",
+                              "--cache", postgres_dsn], env)
     try:
-        second, second_url = start(args, env)
+        config = tmp_path / "serve.toml"  # the second one takes the DSN from a config file
+        config.write_text(f'nn-preload = ["tiny:GGML:AUTO:{tiny}"]\nchat-model = "tiny"\n'
+                          f'cache = "{postgres_dsn}"\n')
+        second, second_url = start(["--config", str(config)], env)
         try:
             one, two = (openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
                         for url in (first_url, second_url))
