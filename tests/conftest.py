@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -46,3 +50,40 @@ def example_assets() -> Path:
 @pytest.fixture(scope="session")
 def reference():
     return _load_script(REPO / "examples" / "classify" / "reference.py", "wasinn_reference")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL 16 with pgvector 0.6 (the pgserver wheel) in a temp dir, for the
+    whole session (about a second to start): its DSN, a Unix socket."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR is not set
+        pgserver = pytest.importorskip("pgserver")
+    try:
+        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="delete")
+    except Exception as e:  # e.g. a sandbox where initdb cannot run
+        pytest.skip(f"pgserver could not start PostgreSQL here: {type(e).__name__}: {e}")
+    yield server.get_uri()
+    # its data goes with the temp dir: stop without the shutdown checkpoint's fsyncs (seconds)
+    pgserver.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
+                    user=server.system_user)
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: str) -> str:
+    """A database of its own on the session's PostgreSQL."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return urlsplit(postgres_server)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a semantic-cache store lives, for tests that hold for every store: a SQLite
+    file, or a fresh PostgreSQL database (open either with wasinn.cache.open_store)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_dsn")
+    return str(tmp_path / "cache.sqlite")

@@ -32,7 +32,7 @@ from loopback import LoopbackServer  # noqa: E402
 from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cache import (CacheConfig, Entry, SemanticCache, SQLiteStore, cache_mode,  # noqa: E402
-                          pieces)
+                          open_store, pieces)
 from wasinn.cli import default_cache_path  # noqa: E402
 from wasinn.server import (ApiError, Caller, Completion, Embeddings, GenerationRequest,  # noqa: E402
                            Message, Metrics, Sampling, TextStream, create_app)
@@ -492,9 +492,9 @@ def test_failures_never_break_a_request_and_are_never_stored(tmp_path: Path) -> 
     asyncio.run(main())
 
 
-def test_the_store_under_concurrent_requests(tmp_path: Path) -> None:
+def test_the_store_under_concurrent_requests(store_location: str) -> None:
     """Many lookups and stores at once, across scopes and dimensions; a same-text put
-    replaces; everything survives a reopen."""
+    replaces; everything survives a reopen. On each store."""
     rng = np.random.default_rng(0)
 
     def unit(v: np.ndarray) -> np.ndarray:
@@ -510,7 +510,7 @@ def test_the_store_under_concurrent_requests(tmp_path: Path) -> None:
                for s in ("a", "b", "small") for i in range(300)}
 
     async def main() -> None:
-        store = SQLiteStore(tmp_path / "c.sqlite")
+        store = open_store(store_location)
         await asyncio.gather(*(store.put(entry(s, f"q{i}", v, f"{s}{i}"), max_entries=10_000)
                                for (s, i), v in vectors.items()))
         assert store.size() == 900
@@ -527,7 +527,7 @@ def test_the_store_under_concurrent_requests(tmp_path: Path) -> None:
         assert store.size() == 900
         await store.close()
 
-        again = SQLiteStore(tmp_path / "c.sqlite")
+        again = open_store(store_location)
         now = time.time()
         found = await again.nearest("a", vectors["a", 0], k=3, min_similarity=-1.0, now=now,
                                     oldest=now - 60)

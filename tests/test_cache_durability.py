@@ -1,4 +1,5 @@
-"""kill -9 during writes loses no committed entry of the semantic cache's SQLite store."""
+"""kill -9 of a process writing to the semantic cache's store loses no committed entry: on
+SQLite, and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,21 +9,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("numkong")
-from wasinn.cache import SQLiteStore  # noqa: E402
+from wasinn.cache import open_store  # noqa: E402
 
 WRITER = textwrap.dedent("""
     import asyncio, sys, time
     import numpy as np
-    from wasinn.cache import Entry, SQLiteStore
+    from wasinn.cache import Entry, open_store
 
-    async def main(path):
-        store = SQLiteStore(path)
+    async def main(location):
+        store = open_store(location)
         rng = np.random.default_rng(0)
         i = 0
         while True:
@@ -40,10 +40,9 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_during_writes_loses_no_committed_entry(tmp_path: Path) -> None:
-    path = tmp_path / "cache.sqlite"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
-                              text=True)
+def test_kill_9_during_writes_loses_no_committed_entry(store_location: str) -> None:
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store_location],
+                              stdout=subprocess.PIPE, text=True)
     assert writer.stdout is not None
     committed = -1
     deadline = time.monotonic() + 60
@@ -55,7 +54,7 @@ def test_kill_9_during_writes_loses_no_committed_entry(tmp_path: Path) -> None:
     assert committed >= 300
 
     async def reopen() -> list[str]:
-        store = SQLiteStore(path)
+        store = open_store(store_location)
         try:
             probe = np.zeros(16, np.float32)
             probe[0] = 1.0

@@ -139,9 +139,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--parallel", type=int,
                        help=f"requests generating at once, each with its own context; more wait "
                             f"their turn (default {SERVE_PARALLEL})")
-    serve.add_argument("--cache", metavar="PATH",
+    serve.add_argument("--cache", metavar="PATH_OR_DSN",
                        help="the semantic cache's SQLite file (default "
-                            "$XDG_CACHE_HOME/wasinn/cache.sqlite, else ~/.cache/wasinn/...)")
+                            "$XDG_CACHE_HOME/wasinn/cache.sqlite, else ~/.cache/wasinn/...), or "
+                            "a postgresql://... DSN that several servers share")
     serve.add_argument("--no-cache", action="store_true", default=None,
                        help="serve without the semantic cache")
     serve.add_argument("--threshold", type=float, metavar="COSINE",
@@ -283,9 +284,6 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
                               else args.cache_max_entries)
     if args.cache_max_entries < 1:
         raise ConfigError("--cache-max-entries must be at least 1")
-    if args.cache is not None and "://" in args.cache:
-        raise ConfigError(f"--cache {args.cache.split('://')[0]}://...: only a SQLite file "
-                          f"path is supported so far")
     return args
 
 
@@ -294,8 +292,19 @@ def cache_config(args: argparse.Namespace) -> Any:
     that cannot be written means no cache (a warning); a path given that cannot is an error."""
     if args.no_cache:
         return None
-    from .cache import CacheConfig
+    from .cache import CacheConfig, is_dsn
 
+    if args.cache is not None and is_dsn(args.cache):  # opened, and checked, with the app
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"--cache {args.cache.split('://')[0]}://...: a PostgreSQL "
+                              f"cache needs pip install 'wasinn[postgres]' ({e})") from None
+        return CacheConfig(path=args.cache, threshold=args.threshold, ttl=args.cache_ttl,
+                           max_entries=args.cache_max_entries)
+    if args.cache is not None and "://" in args.cache:
+        raise ConfigError(f"--cache {args.cache.split('://')[0]}://...: give a SQLite file "
+                          f"path or a postgresql:// DSN")
     path = Path(args.cache).expanduser() if args.cache is not None else default_cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@
     cache = SemanticCache(completer, embedder, "minilm", SQLiteStore("cache.sqlite"))
 
 `SemanticCache` is a Completer in front of another one. What it keeps goes to a `CacheStore`:
-`SQLiteStore` (a SQLite file and an in-process vector index) is the embedded one.
+`SQLiteStore` (a SQLite file and an in-process vector index) is the embedded one;
+`PostgresStore` (PostgreSQL with pgvector, the `postgres` extra) is shared by several servers.
+`open_store(location)` opens either, from a file path or a `postgresql://` DSN.
 """
 
 from ._cache import (CACHEABLE_FINISH, DEFAULT_MAX_ENTRIES, DEFAULT_THRESHOLD, DEFAULT_TTL,
@@ -12,9 +14,18 @@ from ._cache import (CACHEABLE_FINISH, DEFAULT_MAX_ENTRIES, DEFAULT_THRESHOLD, D
                      registry_versions)
 from ._scope import TENANT_HEADER, cache_mode, question_text, scope
 from ._sqlite import SQLiteStore
-from ._store import CacheStore, Entry, Match
+from ._store import CacheStore, Entry, Match, is_dsn, open_store, redacted
 
 __all__ = ["CACHEABLE_FINISH", "DEFAULT_MAX_ENTRIES", "DEFAULT_THRESHOLD", "DEFAULT_TTL",
            "SIMILARITY_HEADER", "STATUS_HEADER", "TENANT_HEADER", "CacheConfig", "CacheStore",
-           "Entry", "Match", "SQLiteStore", "SemanticCache", "cache_mode", "pieces",
-           "question_text", "registry_versions", "scope"]
+           "Entry", "Match", "SQLiteStore", "SemanticCache", "cache_mode", "is_dsn",
+           "open_store", "pieces", "question_text", "redacted", "registry_versions", "scope"]
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore is imported on demand (and left out of __all__): psycopg is an extra
+    if name == "PostgresStore":
+        from ._postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

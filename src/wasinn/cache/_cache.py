@@ -55,7 +55,8 @@ _LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class CacheConfig:
     """What `create_app(cache=...)` and `wasinn serve --cache` set up."""
 
-    path: Path
+    #: a SQLite file, or a PostgreSQL DSN (a str: `postgresql://...`) that replicas share
+    path: Path | str
     threshold: float = DEFAULT_THRESHOLD
     ttl: float = DEFAULT_TTL
     max_entries: int = DEFAULT_MAX_ENTRIES

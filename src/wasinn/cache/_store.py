@@ -2,15 +2,17 @@
 
 The store is mechanism only: the cache decides the threshold, the TTL and the cap on entries
 and passes them in. One implementation keeps entries in SQLite with an in-process vector index
-(`SQLiteStore`); a shared one for several replicas (PostgreSQL with pgvector) keeps to the same
-protocol.
+(`SQLiteStore`); a shared one for several replicas (`PostgresStore`, PostgreSQL with pgvector)
+keeps to the same protocol. `open_store` picks one by the location's form.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
@@ -75,3 +77,39 @@ class CacheStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def is_dsn(location: object) -> bool:
+    """Whether a store's location names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(location: str | Path) -> str:
+    """A store's location for messages and logs: a DSN without its password."""
+    if not is_dsn(location):
+        return str(location)
+    scheme = str(location).partition("://")[0]
+    try:
+        parts = urlsplit(str(location))
+        host = parts.netloc.rpartition("@")[2]
+        user = f"{parts.username}@" if parts.username else ""
+        query = "&".join(f"{k}={v}" for k, v in parse_qsl(parts.query) if k != "password")
+    except ValueError:
+        return f"{scheme}://..."
+    return f"{scheme}://{user}{host}{parts.path}" + (f"?{query}" if query else "")
+
+
+def open_store(location: str | Path) -> CacheStore:
+    """The store at `location`: a `postgresql://` (or `postgres://`) DSN opens a PostgreSQL
+    database shared by several servers (the `postgres` extra), anything else a SQLite file.
+    A location that cannot be opened is a ValueError."""
+    if is_dsn(location):
+        try:
+            from ._postgres import PostgresStore
+        except ImportError as e:
+            raise ValueError(f"cache {redacted(location)}: a PostgreSQL cache needs "
+                             f"pip install 'wasinn[postgres]' ({e})") from None
+        return PostgresStore(str(location))
+    from ._sqlite import SQLiteStore
+
+    return SQLiteStore(location)

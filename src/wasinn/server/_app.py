@@ -337,8 +337,8 @@ def create_app(host: Host, *, chat_model: str | None = None,
 
 def _semantic_cache(config: CacheConfig, host: Host, completer: Completer, embedder: Embedder,
                     embedding_model: str | None, metrics: ServerMetrics) -> Any:
-    """The SemanticCache in front of `completer`, on a SQLite store at `config.path`."""
-    from ..cache import SemanticCache, SQLiteStore, registry_versions
+    """The SemanticCache in front of `completer`, on the store at `config.path`."""
+    from ..cache import SemanticCache, open_store, redacted, registry_versions
 
     offered = list(embedder.models())
     model = config.embedding_model or embedding_model or (offered[0] if offered else None)
@@ -348,9 +348,9 @@ def _semantic_cache(config: CacheConfig, host: Host, completer: Completer, embed
     if model not in offered:
         raise ValueError(f"the semantic cache's embedding model {model!r} is not one this "
                          f"server offers ({', '.join(offered) or 'none'})")
-    store = SQLiteStore(config.path)
+    store = open_store(config.path)  # a DSN that fails fails now, not on the first request
     log.info("semantic cache: %s (%d entries), embeddings from %s, threshold %s",
-             config.path, store.size(), model, config.threshold)
+             redacted(config.path), store.size(), model, config.threshold)
     return SemanticCache(completer, embedder, model, store, threshold=config.threshold,
                          ttl=config.ttl, max_entries=config.max_entries, metrics=metrics,
                          model_version=registry_versions(host.registry))
