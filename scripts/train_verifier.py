@@ -364,18 +364,21 @@ def product_vectors(texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def cross_logits(model: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
+    """One pair per run, as wasinn's Verifier runs them: the int8 model's activation scales
+    are per tensor, so batching (and padding) would change each pair's score."""
     import onnxruntime as ort
 
     from wasinn.server._sentence import load_tokenizer
 
     tok = load_tokenizer(max_tokens=MAX_TOKENS)  # wasinn's own: the one that serves
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    out = []
-    for at in range(0, len(pairs), 64):
-        ids, mask, types = (t.numpy() for t in batch_tensors(tok.encode_batch(pairs[at:at + 64]), "cpu"))
-        out.append(session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                      "token_type_ids": types})[0][:, 0])
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    out = np.zeros(len(pairs), np.float32)
+    for row, (a, b) in enumerate(pairs):
+        e = tok.encode(a, b)
+        out[row] = session.run(None, {"input_ids": np.array([e.ids], np.int64),
+                                      "attention_mask": np.ones((1, len(e.ids)), np.int64),
+                                      "token_type_ids": np.array([e.type_ids], np.int64)})[0][0, 0]
+    return out
 
 
 def calibrate(held: list[dict], groups: dict[str, str], out: Path) -> dict:

@@ -85,7 +85,9 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8000
 SERVE_PARALLEL = 2
 # the semantic cache's defaults (wasinn.cache, not imported here: it needs the server extra)
-CACHE_THRESHOLD = 0.95
+CACHE_THRESHOLD = 0.95  # cosine alone
+CACHE_VERIFIED_THRESHOLD = 0.85  # with the verifier: the cosine a candidate needs to be read
+VERIFY_THRESHOLD = 0.5
 CACHE_TTL = 7 * 24 * 3600.0
 CACHE_MAX_ENTRIES = 100_000
 UPSTREAM_TIMEOUT = 60.0
@@ -146,8 +148,16 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-cache", action="store_true", default=None,
                        help="serve without the semantic cache")
     serve.add_argument("--threshold", type=float, metavar="COSINE",
-                       help=f"cosine similarity a cached question needs to answer (default "
-                            f"{CACHE_THRESHOLD}, untuned)")
+                       help=f"cosine similarity a cached question needs: to be read by the "
+                            f"verifier (default {CACHE_VERIFIED_THRESHOLD}), or with --verifier "
+                            f"none to answer (default {CACHE_THRESHOLD})")
+    serve.add_argument("--verifier", metavar="PATH|none",
+                       help="the cache's second stage, a cross-encoder ONNX file that checks "
+                            "each candidate (default: the one wasinn ships, trained on QQP); "
+                            "none: cosine alone")
+    serve.add_argument("--verify-threshold", type=float, metavar="P",
+                       help=f"probability the verifier must give a candidate to serve it "
+                            f"(default {VERIFY_THRESHOLD}, its calibrated decision point)")
     serve.add_argument("--cache-ttl", metavar="DURATION",
                        help="how long an answer may be served: seconds, or 30m, 12h, 7d "
                             "(default 7d)")
@@ -219,6 +229,7 @@ _SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "chat-model": str, "embedding-model": str,
     "embedding-tokenizer": str, "threads": int,
     "parallel": int, "cache": str, "no-cache": bool, "threshold": (float, int),
+    "verifier": str, "verify-threshold": (float, int),
     "cache-ttl": (str, int, float), "cache-max-entries": int, "upstream": str,
     "upstream-timeout": (float, int), "upstream-key": str}
 
@@ -247,7 +258,8 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
                     names = " or ".join(k.__name__ for k in kinds)
                     raise ConfigError(f"config {args.config}: {key} must be a {names}")
                 value = data[key]
-                if key == "embedding-tokenizer" or (key == "cache" and "://" not in value):
+                if key == "embedding-tokenizer" or (key == "cache" and "://" not in value) or \
+                        (key == "verifier" and value.lower() != "none"):
                     value = str(base / Path(value).expanduser())  # a path, relative to the file
                 setattr(args, attr, value)
         args.verbose = args.verbose or bool(data.get("verbose", False))
@@ -276,7 +288,14 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     if not args.upstream_timeout > 0:
         raise ConfigError(f"--upstream-timeout must be positive, got {args.upstream_timeout}")
     args.no_cache = bool(args.no_cache)
-    args.threshold = CACHE_THRESHOLD if args.threshold is None else float(args.threshold)
+    verified = not _no_verifier(args)
+    if args.threshold is None:
+        args.threshold = CACHE_VERIFIED_THRESHOLD if verified else CACHE_THRESHOLD
+    args.threshold = float(args.threshold)
+    args.verify_threshold = (VERIFY_THRESHOLD if args.verify_threshold is None
+                             else float(args.verify_threshold))
+    if not 0 < args.verify_threshold < 1:
+        raise ConfigError(f"--verify-threshold must be in (0, 1), got {args.verify_threshold}")
     if not 0 < args.threshold <= 1:
         raise ConfigError(f"--threshold must be in (0, 1], got {args.threshold}")
     args.cache_ttl = CACHE_TTL if args.cache_ttl is None else parse_duration(args.cache_ttl)
@@ -301,7 +320,7 @@ def cache_config(args: argparse.Namespace) -> Any:
             raise ConfigError(f"--cache {args.cache.split('://')[0]}://...: a PostgreSQL "
                               f"cache needs pip install 'wasinn[postgres]' ({e})") from None
         return CacheConfig(path=args.cache, threshold=args.threshold, ttl=args.cache_ttl,
-                           max_entries=args.cache_max_entries)
+                           max_entries=args.cache_max_entries, **_verifier(args))
     if args.cache is not None and "://" in args.cache:
         raise ConfigError(f"--cache {args.cache.split('://')[0]}://...: give a SQLite file "
                           f"path or a postgresql:// DSN")
@@ -318,7 +337,22 @@ def cache_config(args: argparse.Namespace) -> Any:
               f"--cache PATH)", file=sys.stderr)
         return None
     return CacheConfig(path=path, threshold=args.threshold, ttl=args.cache_ttl,
-                       max_entries=args.cache_max_entries)
+                       max_entries=args.cache_max_entries, **_verifier(args))
+
+
+def _no_verifier(args: argparse.Namespace) -> bool:
+    return args.verifier is not None and args.verifier.lower() == "none"
+
+
+def _verifier(args: argparse.Namespace) -> dict[str, Any]:
+    from .cache import DEFAULT_VERIFIER
+
+    if _no_verifier(args):
+        return {"verifier": None}
+    path = DEFAULT_VERIFIER if args.verifier is None else Path(args.verifier).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--verifier {path}: no such file (or --verifier none)")
+    return {"verifier": path, "verify_threshold": args.verify_threshold}
 
 
 def upstream_config(args: argparse.Namespace) -> Any:

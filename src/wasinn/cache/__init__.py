@@ -10,16 +10,20 @@
 """
 
 from ._cache import (CACHEABLE_FINISH, DEFAULT_MAX_ENTRIES, DEFAULT_THRESHOLD, DEFAULT_TTL,
-                     SIMILARITY_HEADER, STATUS_HEADER, CacheConfig, SemanticCache, pieces,
-                     registry_versions)
+                     SIMILARITY_HEADER, STATUS_HEADER, VERIFIED_HEADER, CacheConfig,
+                     SemanticCache, pieces, registry_versions)
 from ._scope import TENANT_HEADER, cache_mode, question_text, scope
 from ._sqlite import SQLiteStore
 from ._store import CacheStore, Entry, Match, is_dsn, open_store, redacted
+from ._verify import (DEFAULT_VERIFIER, DEFAULT_VERIFY_THRESHOLD, VERIFIED_COSINE_FLOOR,
+                      Verifier)
 
 __all__ = ["CACHEABLE_FINISH", "DEFAULT_MAX_ENTRIES", "DEFAULT_THRESHOLD", "DEFAULT_TTL",
-           "SIMILARITY_HEADER", "STATUS_HEADER", "TENANT_HEADER", "CacheConfig", "CacheStore",
-           "Entry", "Match", "SQLiteStore", "SemanticCache", "cache_mode", "is_dsn",
-           "open_store", "pieces", "question_text", "redacted", "registry_versions", "scope"]
+           "DEFAULT_VERIFIER", "DEFAULT_VERIFY_THRESHOLD", "SIMILARITY_HEADER", "STATUS_HEADER",
+           "TENANT_HEADER", "VERIFIED_COSINE_FLOOR", "VERIFIED_HEADER", "CacheConfig",
+           "CacheStore", "Entry", "Match", "SQLiteStore", "SemanticCache", "Verifier",
+           "cache_mode", "is_dsn", "open_store", "pieces", "question_text", "redacted",
+           "registry_versions", "scope"]
 
 
 def __getattr__(name: str) -> object:

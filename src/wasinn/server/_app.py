@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..host import Host
+from ..tensor import GraphEncoding
 from . import _openai as oa
 from ._api import ApiError, Completer, Embedder, GenerationRequest, TextStream, model_not_found
 from ._local import LocalCompleter, LocalEmbedder
@@ -338,7 +339,7 @@ def create_app(host: Host, *, chat_model: str | None = None,
 def _semantic_cache(config: CacheConfig, host: Host, completer: Completer, embedder: Embedder,
                     embedding_model: str | None, metrics: ServerMetrics) -> Any:
     """The SemanticCache in front of `completer`, on the store at `config.path`."""
-    from ..cache import SemanticCache, open_store, redacted, registry_versions
+    from ..cache import SemanticCache, Verifier, open_store, redacted, registry_versions
 
     offered = list(embedder.models())
     model = config.embedding_model or embedding_model or (offered[0] if offered else None)
@@ -348,12 +349,21 @@ def _semantic_cache(config: CacheConfig, host: Host, completer: Completer, embed
     if model not in offered:
         raise ValueError(f"the semantic cache's embedding model {model!r} is not one this "
                          f"server offers ({', '.join(offered) or 'none'})")
-    store = open_store(config.path)  # a DSN that fails fails now, not on the first request
-    log.info("semantic cache: %s (%d entries), embeddings from %s, threshold %s",
-             redacted(config.path), store.size(), model, config.threshold)
+    verifier = (None if config.verifier is None
+                else Verifier(config.verifier, threshold=config.verify_threshold,
+                              backend=host.backends.get(GraphEncoding.ONNX)))
+    try:
+        store = open_store(config.path)  # a DSN that fails fails now, not on the first request
+    except BaseException:
+        if verifier is not None:
+            verifier.close()
+        raise
+    log.info("semantic cache: %s (%d entries), embeddings from %s, threshold %s, verifier %s",
+             redacted(config.path), store.size(), model, config.threshold,
+             "none" if verifier is None else f"{verifier.path} (>= {verifier.threshold})")
     return SemanticCache(completer, embedder, model, store, threshold=config.threshold,
                          ttl=config.ttl, max_entries=config.max_entries, metrics=metrics,
-                         model_version=registry_versions(host.registry))
+                         model_version=registry_versions(host.registry), verifier=verifier)
 
 
 def serve(host: Host, *, bind: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
