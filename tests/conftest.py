@@ -87,3 +87,11 @@ def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("postgres_dsn")
     return str(tmp_path / "cache.sqlite")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight 2-layer llama GGUF (0.5 MB, tests/tiny_gguf.py): fast and deterministic."""
+    from tiny_gguf import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")

@@ -29,7 +29,6 @@ pytest.importorskip("numkong")
 import httpx2 as httpx  # noqa: E402  (the HTTP client `openai` itself uses)
 
 from loopback import LoopbackServer  # noqa: E402
-from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cache import (CacheConfig, Entry, SemanticCache, SQLiteStore, cache_mode,  # noqa: E402
                           open_store, pieces)
@@ -55,11 +54,6 @@ class Server(LoopbackServer):
         text = httpx.get(f"{self.url}/metrics").text
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("numkong")
 from test_cache import chat, start, status, stop, text_of  # noqa: E402
-from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn.cache import CacheStore, Entry, open_store  # noqa: E402
 
 NOW = 1_000_000.0  # the stores take the time from their caller: these tests choose it
@@ -212,11 +211,6 @@ def test_a_wrong_or_unreachable_database_is_refused_at_once(postgres_server: str
         conn.execute("CREATE TABLE wasinn_cache_entries (id integer)")
     with pytest.raises(ValueError, match="not a wasinn cache of schema 1"):
         open_store(postgres_dsn)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 def test_two_server_processes_share_one_cache(tiny: Path, postgres_dsn: str,

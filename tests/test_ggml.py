@@ -18,17 +18,11 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from exerciser import Exerciser  # noqa: E402
 from llama_direct import host_model_params  # noqa: E402
-from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Errno, Host  # noqa: E402
 
 GGML = 6
 CPU = 0
 U8 = 3
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="session")

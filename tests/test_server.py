@@ -28,7 +28,6 @@ import httpx2 as httpx  # noqa: E402  (the HTTP client `openai` itself uses)
 from llama_direct import host_model_params  # noqa: E402
 
 from loopback import LoopbackServer  # noqa: E402
-from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.server import (ChatTemplate, Completion, GenerationRequest, LocalCompleter,  # noqa: E402
                            Message, Sampling, TextStream, create_app)
@@ -37,11 +36,6 @@ from wasinn.server._template import CHATML  # noqa: E402
 
 class Server(LoopbackServer):
     pass
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="module")

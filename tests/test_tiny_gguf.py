@@ -27,22 +27,17 @@ print(json.dumps([out["choices"][0]["text"], out["usage"]["completion_tokens"]])
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama: Path):
-    return llama_cpp.Llama(model_path=str(tiny_llama), n_ctx=256, seed=1, verbose=False,
+def llm(tiny: Path):
+    return llama_cpp.Llama(model_path=str(tiny), n_ctx=256, seed=1, verbose=False,
                            n_threads=2)
 
 
-def test_file_is_small_and_deterministic(tmp_path: Path, tiny_llama: Path) -> None:
+def test_file_is_small_and_deterministic(tmp_path: Path, tiny: Path) -> None:
     again = write_tiny_llama(tmp_path / "again.gguf")
     other = write_tiny_llama(tmp_path / "other.gguf", seed=1)
-    assert tiny_llama.stat().st_size < 600_000
-    assert again.read_bytes() == tiny_llama.read_bytes()
-    assert other.read_bytes() != tiny_llama.read_bytes()
+    assert tiny.stat().st_size < 600_000
+    assert again.read_bytes() == tiny.read_bytes()
+    assert other.read_bytes() != tiny.read_bytes()
 
 
 def test_metadata(llm) -> None:
@@ -81,12 +76,12 @@ def test_chatml_prompt(llm) -> None:
     assert llm.detokenize(tokens, special=True).decode() == prompt
 
 
-def test_greedy_is_deterministic_across_processes(llm, tiny_llama: Path) -> None:
+def test_greedy_is_deterministic_across_processes(llm, tiny: Path) -> None:
     out = llm.create_completion("Once upon", max_tokens=16, temperature=0)
     here = [out["choices"][0]["text"], out["usage"]["completion_tokens"]]
     assert here[1] == 16 and out["choices"][0]["finish_reason"] == "length"
     assert here[0].isascii() and here[0].isprintable()
-    runs = [subprocess.run([sys.executable, "-c", _GENERATE, str(tiny_llama)], check=True,
+    runs = [subprocess.run([sys.executable, "-c", _GENERATE, str(tiny)], check=True,
                            capture_output=True, text=True, timeout=60) for _ in range(2)]
     assert [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs] == [here, here]
 
@@ -98,13 +93,13 @@ def test_forced_eos_stops(llm) -> None:
     assert out["usage"]["completion_tokens"] == 0
 
 
-def test_embedding(tiny_llama: Path) -> None:
+def test_embedding(tiny: Path) -> None:
     # llama-architecture GGUFs carry no pooling type, so without one embed() gives a vector per
     # token; with mean pooling it gives one vector of n_embd floats
-    per_token = llama_cpp.Llama(model_path=str(tiny_llama), n_ctx=256, verbose=False,
+    per_token = llama_cpp.Llama(model_path=str(tiny), n_ctx=256, verbose=False,
                                 n_threads=2, embedding=True).embed("hi")
     assert len(per_token) > 1 and all(len(row) == 64 for row in per_token)
-    pooled = llama_cpp.Llama(model_path=str(tiny_llama), n_ctx=256, verbose=False, n_threads=2,
+    pooled = llama_cpp.Llama(model_path=str(tiny), n_ctx=256, verbose=False, n_threads=2,
                              embedding=True,
                              pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN).embed("hi")
     assert len(pooled) == 64 and all(isinstance(x, float) for x in pooled)

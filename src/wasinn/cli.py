@@ -1,5 +1,6 @@
 """`wasinn run [options] MODULE.wasm [ARGS...]`: run a WASI command with wasi-nn.
 `wasinn serve [options]`: serve the named models over OpenAI's HTTP API.
+`wasinn cache eval DATASET`: the semantic cache's precision, recall and latency on labelled pairs.
 
 Every option has the same name in the TOML config file (`--config`), e.g.
     nn-preload = ["mobilenet:onnx:cpu:models/mobilenet.onnx"]
@@ -14,6 +15,7 @@ Lists from the file and from the command line add up; single values on the comma
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("module", type=Path, metavar="MODULE.wasm")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     _add_serve(commands)
+    _add_cache(commands)
     return parser
 
 
@@ -281,8 +284,8 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
             if getattr(args, flag.replace("-", "_")) is not None:
                 raise ConfigError(f"--{flag} needs --upstream URL")
     elif args.chat_model is not None:
-        raise ConfigError(f"--chat-model and --upstream: with an upstream, a model this server "
-                          f"does not offer is the upstream's to answer (drop --chat-model)")
+        raise ConfigError("--chat-model and --upstream: with an upstream, a model this server "
+                          "does not offer is the upstream's to answer (drop --chat-model)")
     args.upstream_timeout = (UPSTREAM_TIMEOUT if args.upstream_timeout is None
                              else float(args.upstream_timeout))
     if not args.upstream_timeout > 0:
@@ -447,12 +450,94 @@ class ProgressPrinter:
             print(f"wasinn: model {name} ready", file=sys.stderr, flush=True)
 
 
+def _add_cache(commands: argparse._SubParsersAction) -> None:
+    cache = commands.add_parser("cache", help="the semantic cache's tools")
+    tools = cache.add_subparsers(dest="tool", required=True)
+    ev = tools.add_parser(
+        "eval", help="precision, recall and lookup latency on a labelled pair set",
+        description="Store every distinct `a` of DATASET (JSON lines {a, b, label}, gzip'd or "
+                    "not) in a real cache store, look up every `b` as the server would, and "
+                    "print precision and recall over a sweep of thresholds (a hit is right "
+                    "when it serves the query's duplicate group), with lookup latency.")
+    ev.add_argument("dataset", type=Path, metavar="DATASET")
+    ev.add_argument("--part", metavar="K/N",
+                    help="only part K of N (split by connected component, as "
+                         "scripts/train_verifier.py splits; 0/4 is the part its verifier "
+                         "never trained on)")
+    ev.add_argument("--limit", type=int, metavar="N", help="only the first N pairs")
+    ev.add_argument("--nn-preload", metavar="NAME:ONNX:TARGET:PATH",
+                    help="the embedding model (default: the server's, all-MiniLM-L6-v2)")
+    ev.add_argument("--embedding-tokenizer", metavar="PATH",
+                    help="its tokenizer.json or vocab.txt (default: BERT uncased's)")
+    ev.add_argument("--verifier", metavar="PATH|none",
+                    help="the second stage (default: the one wasinn ships); none: cosine alone")
+    ev.add_argument("--threshold", type=float, metavar="COSINE",
+                    help=f"the cosine a candidate needs to be read by the verifier "
+                         f"(default {CACHE_VERIFIED_THRESHOLD})")
+    ev.add_argument("--threads", type=int, help="threads per inference (backend intra-op)")
+    ev.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    ev.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def cache_eval_main(args: argparse.Namespace) -> int:
+    try:
+        from .cache import _eval
+        from .server._defaults import EMBEDDING_MODEL, default_preloads
+        from .server._sentence import OnnxEmbedder
+    except ImportError as e:
+        print(f"wasinn: `wasinn cache eval` needs pip install 'wasinn[server]' ({e})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    host = Host(threads=args.threads, module_cache=False)
+    embedder = verifier = None
+    try:
+        pairs = _eval.load_pairs(args.dataset)
+        name = args.dataset.name
+        if args.part is not None:
+            k, sep, n = args.part.partition("/")
+            if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+                raise ConfigError(f"--part {args.part!r}: expected K/N with 0 <= K < N")
+            pairs = [p for p, part in zip(pairs, _eval.parts_of(pairs, int(n)))
+                     if part == int(k)]
+            name += f" part {args.part}"
+        pairs = pairs[:args.limit]
+        spec = args.nn_preload or default_preloads(chat=False)[0]
+        model = host.add_model(spec).name
+        embedder = OnnxEmbedder(host.registry, tokenizer=args.embedding_tokenizer)
+        floor = CACHE_VERIFIED_THRESHOLD if args.threshold is None else args.threshold
+        if not _no_verifier(args):
+            from .cache import Verifier
+            from .tensor import GraphEncoding
+
+            verifier = Verifier(None if args.verifier is None else Path(args.verifier),
+                                backend=host.backends.get(GraphEncoding.ONNX))
+        report = _eval.evaluate(
+            pairs, lambda texts: embedder.embed_now(model, texts).vectors,
+            embedding_model=model if args.nn_preload else f"{EMBEDDING_MODEL} (default)",
+            verifier=verifier, floor=floor, dataset=name)
+    except (ConfigError, ValueError, WasiNnError, OSError) as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if verifier is not None:
+            verifier.close()
+        if embedder is not None:
+            embedder.close()
+        host.close()
+    print(_eval.format_report(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.as_dict(), indent=1))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="wasinn: %(message)s",
                         level=logging.INFO if args.verbose else logging.WARNING)
     if args.command == "serve":
         return serve_main(args)
+    if args.command == "cache":
+        return cache_eval_main(args)
     try:
         args = merge_config(args)
         host = host_from_args(args)
