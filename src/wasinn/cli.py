@@ -491,12 +491,13 @@ def cache_eval_main(args: argparse.Namespace) -> int:
     host = Host(threads=args.threads, module_cache=False)
     embedder = verifier = None
     try:
-        pairs = _eval.load_pairs(args.dataset)
-        name = args.dataset.name
         if args.part is not None:
             k, sep, n = args.part.partition("/")
             if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
                 raise ConfigError(f"--part {args.part!r}: expected K/N with 0 <= K < N")
+        pairs = _eval.load_pairs(args.dataset)
+        name = args.dataset.name
+        if args.part is not None:
             pairs = [p for p, part in zip(pairs, _eval.parts_of(pairs, int(n)))
                      if part == int(k)]
             name += f" part {args.part}"
