@@ -2,7 +2,7 @@
 `wasinn serve` on loopback.
 
     pip install -e '.[test,bench]'
-    python bench/cache.py            # 5-7 minutes on a busy 2-core machine, +1 the first time
+    python bench/cache.py            # 3-7 minutes on a busy 2-core machine, +1 the first time
     python bench/cache.py --quick    # a smoke run: under a minute
 
 1. **Lookup latency** (embed + search), one question at a time as the server asks them, at 10k
