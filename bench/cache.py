@@ -86,11 +86,14 @@ import numpy as np
 import onnxruntime as ort
 
 import wasinn
-from _common import ROOT, load_script
+from _common import ROOT
 from wasinn.backends.onnx import OnnxGraph
 from wasinn.cache import (DEFAULT_THRESHOLD, STATUS_HEADER, Entry, SemanticCache, SQLiteStore,
                           scope)
+from wasinn.cache import DEFAULT_VERIFIER, VERIFIED_COSINE_FLOOR, Verifier
+from wasinn.cache._eval import load_pairs
 from wasinn.host import Host
+from wasinn.tensor import GraphEncoding
 from wasinn.server import (Completion, GenerationRequest, LocalCompleter, Message,
                            OnnxEmbedder, Sampling)
 from wasinn.server._defaults import CHAT_MODEL, EMBEDDING_MODEL, default_preloads, package_file
@@ -129,11 +132,10 @@ class Data:
 
 
 def distinct_questions(dataset: Path, seed: int) -> list[str]:
-    verifier = load_script("wasinn_train_verifier", ROOT / "scripts" / "train_verifier.py")
     texts: dict[str, None] = {}
-    for pair in verifier.load_pairs(dataset):
-        texts[pair["a"]] = None
-        texts[pair["b"]] = None
+    for pair in load_pairs(dataset):
+        texts[pair.a] = None
+        texts[pair.b] = None
     order = list(texts)
     np.random.default_rng(seed).shuffle(order)  # type: ignore[arg-type]
     return order
@@ -207,11 +209,14 @@ class WasinnSide:
     LocalCompleter, is never reached: the Host holds no chat model)."""
 
     def __init__(self, host: Host, embedder: OnnxEmbedder, path: Path, threshold: float,
-                 max_entries: int) -> None:
+                 max_entries: int, verifier: Path | None) -> None:
         self.store = SQLiteStore(path)
         self.completer = LocalCompleter(host.registry, 1)
+        checker = (None if verifier is None
+                   else Verifier(verifier, backend=host.backends.get(GraphEncoding.ONNX)))
         self.cache = SemanticCache(self.completer, embedder, EMBEDDING_MODEL, self.store,
-                                   threshold=threshold, max_entries=max_entries)
+                                   threshold=threshold, max_entries=max_entries,
+                                   verifier=checker)
         self.max_entries = max_entries
         self.scope = scope(chat_request("?"), embedding_model=EMBEDDING_MODEL, dimensions=DIM)
 
@@ -395,15 +400,16 @@ async def lookup_latency(args: argparse.Namespace, host: Host, embedder: OnnxEmb
     check = float(embedder.embed_now(EMBEDDING_MODEL, [data.pool[0]]).vectors[0]
                   @ gpt_embedding.to_embeddings(data.pool[0]))
     max_entries = max(args.sizes)
-    wasinn_side = WasinnSide(host, embedder, workdir / "wasinn.sqlite", args.threshold,
-                             max_entries)
+    wasinn_side = WasinnSide(host, embedder, workdir / "wasinn.sqlite",
+                             args.wasinn_threshold, max_entries, args.verifier)
     gpt_dir = Path(tempfile.mkdtemp(prefix="gptcache-", dir=workdir.parent))
     gpt_side = GPTCacheSide(gpt_dir, gpt_embedding, args.threshold, max_entries)
     sides = (wasinn_side, gpt_side)
     rng = np.random.default_rng(args.seed)
     print(f"part 1: lookup latency, one question at a time ({args.queries:,} per side and "
-          f"size: half stored ones asked again, half new); threshold cosine "
-          f"{args.threshold} (GPTCache {(1 + args.threshold) / 2:.4f} on its scale); faiss "
+          f"size: half stored ones asked again, half new); wasinn: "
+          f"{wasinn_side_label(args)}; GPTCache: cosine {args.threshold} "
+          f"({(1 + args.threshold) / 2:.4f} on its scale); faiss "
           f"OpenMP threads: {faiss.omp_get_max_threads()}; the two embedders agree to cosine "
           f"{check:.6f}", flush=True)
     results = []
@@ -445,6 +451,13 @@ async def lookup_latency(args: argparse.Namespace, host: Host, embedder: OnnxEmb
         await wasinn_side.close()
         await gpt_side.close()
     return results
+
+
+def wasinn_side_label(args: argparse.Namespace) -> str:
+    if args.verifier is None:
+        return f"cosine {args.wasinn_threshold}"
+    return (f"its default two stages, cosine >= {args.wasinn_threshold} then the verifier "
+            f"({args.verifier.name})")
 
 
 def report_lookups(results: list[SizeResult], repeats: int) -> list[Check]:
@@ -539,13 +552,15 @@ def chat_body(text: str) -> dict[str, object]:
 class Server:
     """`python -m wasinn serve` on a free loopback port, in a subprocess."""
 
-    def __init__(self, cache: Path, threshold: float, max_entries: int) -> None:
+    def __init__(self, cache: Path, threshold: float, max_entries: int,
+                 verifier: Path | None) -> None:
         env = dict(os.environ)
         source = str(Path(wasinn.__file__).resolve().parent.parent)  # this very wasinn
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "wasinn", "serve", "--host", "127.0.0.1", "--port", "0",
                "--cache", str(cache), "--threshold", str(threshold),
-               "--cache-max-entries", str(max_entries)]
+               "--cache-max-entries", str(max_entries),
+               "--verifier", "none" if verifier is None else str(verifier)]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
@@ -635,7 +650,7 @@ async def hits_per_second(args: argparse.Namespace, data: Data, workdir: Path) -
     print(f"\npart 2: cache hits per second, `wasinn serve` (SmolLM2 + MiniLM) on loopback, "
           f"{count:,} entries; raw asyncio HTTP/1.1 keep-alive clients, one request in "
           f"flight each, {args.duration:g} s per level", flush=True)
-    server = Server(path, args.threshold, count + 1)
+    server = Server(path, args.wasinn_threshold, count + 1, args.verifier)
     try:
         connection = await HttpConnection.open("127.0.0.1", server.port)
         status, headers, body = await connection.post("/v1/chat/completions",
@@ -660,7 +675,7 @@ async def hits_per_second(args: argparse.Namespace, data: Data, workdir: Path) -
     questions = [texts[i] for i in order]
     answers = [answer_of(int(i)) for i in order]
     start = time.perf_counter()
-    server = Server(path, args.threshold, count + 1)
+    server = Server(path, args.wasinn_threshold, count + 1, args.verifier)
     print(f"  the server started in {time.perf_counter() - start:.1f} s (models and index)",
           flush=True)
     try:
@@ -734,6 +749,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default 20000)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"cosine a hit needs (default wasinn's, {DEFAULT_THRESHOLD})")
+    parser.add_argument("--verifier", default=str(DEFAULT_VERIFIER), metavar="PATH|none",
+                        help="wasinn's second stage, as `wasinn serve` runs it (default: the "
+                             "shipped verifier, with wasinn's cosine floor "
+                             f"{VERIFIED_COSINE_FLOOR}); none: cosine alone at --threshold, "
+                             "the same hits on both sides")
     parser.add_argument("--faiss-threads", type=int, default=1,
                         help="faiss's OpenMP threads for GPTCache (default 1; 0: faiss's own "
                              "default, one per core)")
@@ -762,6 +782,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--threshold must be in (0, 1]")
     if args.server_entries is None:
         args.server_entries = args.sizes[-1]
+    if args.verifier.lower() == "none":
+        args.verifier, args.wasinn_threshold = None, args.threshold
+    else:
+        args.verifier, args.wasinn_threshold = Path(args.verifier), VERIFIED_COSINE_FLOOR
     if not args.dataset.is_file():
         parser.error(f"--dataset {args.dataset}: no such file")
     return args

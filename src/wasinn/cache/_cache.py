@@ -236,8 +236,12 @@ class SemanticCache:
 
     async def _verify(self, question: str,
                       matches: Sequence[Match]) -> tuple[Match, float] | None:
-        """The candidate the verifier finds most probable, if it accepts it."""
+        """The candidate the verifier finds most probable, if it accepts it. The very same
+        question, stored in the same scope, needs no reading."""
         assert self.verifier is not None
+        for match in matches:
+            if match.entry.text == question:
+                return match, 1.0
         probabilities = await self.verifier.check(
             question, [(m.entry.text, m.similarity) for m in matches])
         best = int(np.argmax(probabilities))
