@@ -92,6 +92,7 @@ from wasinn.cache import (DEFAULT_THRESHOLD, STATUS_HEADER, Entry, SemanticCache
                           scope)
 from wasinn.cache import DEFAULT_VERIFIER, VERIFIED_COSINE_FLOOR, Verifier
 from wasinn.cache._eval import load_pairs
+from wasinn.cli import SERVER_BACKENDS
 from wasinn.host import Host
 from wasinn.tensor import GraphEncoding
 from wasinn.server import (Completion, GenerationRequest, LocalCompleter, Message,
@@ -800,7 +801,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
     if len(questions) < half + 1:
         raise SystemExit(f"{args.dataset}: {len(questions)} questions, too few")
     new, pool = questions[:half], questions[half:]
-    host = Host(models=default_preloads(chat=False), module_cache=False)
+    # as `wasinn serve` sets it up (onnxruntime's workers stop spinning when a run returns)
+    host = Host(models=default_preloads(chat=False), module_cache=False,
+                backend_options=SERVER_BACKENDS)
     embedder = OnnxEmbedder(host.registry, parallel=2)
     try:
         needed = min(args.real, len(pool), max(args.sizes[-1], args.server_entries))

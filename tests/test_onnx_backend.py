@@ -87,3 +87,14 @@ def test_every_witx_type(onnx_models: dict[str, Path]) -> None:
         ctx.set_input(0, Tensor((2, 2), tensor_type, data))
         ctx.compute()
         assert ctx.get_output(0).tobytes() == data.tobytes()
+
+
+def test_backend_options_reach_the_session(onnx_models: dict[str, Path]) -> None:
+    model = [onnx_models["add"].read_bytes()]
+    key = "session.force_spinning_stop"
+    quiet = Backends(options={GraphEncoding.ONNX: {"spin_after_run": False}}).get(
+        GraphEncoding.ONNX).load(model, ExecutionTarget.CPU)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "1"
+    default = Backends().get(GraphEncoding.ONNX).load(model, ExecutionTarget.CPU)
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set at all
+        default.session.get_session_options().get_session_config_entry(key)

@@ -30,6 +30,7 @@ from . import __version__
 from .errors import ConfigError, WasiNnError
 from .host import GuestTimeout, Host, Preopen
 from .registry import ModelSpec
+from .tensor import GraphEncoding
 
 EXIT_TIMEOUT = 124
 EXIT_TRAP = 134  # what wasmtime's own CLI reports for a trap: 128 + SIGABRT
@@ -94,6 +95,8 @@ VERIFY_THRESHOLD = 0.5
 CACHE_TTL = 7 * 24 * 3600.0
 CACHE_MAX_ENTRIES = 100_000
 UPSTREAM_TIMEOUT = 60.0
+#: the server embeds, then searches: onnxruntime's workers must not spin past a run
+SERVER_BACKENDS = {GraphEncoding.ONNX: {"spin_after_run": False}}
 UPSTREAM_KEY_ENV = "WASINN_UPSTREAM_API_KEY"
 
 _DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -382,7 +385,8 @@ def serve_main(args: argparse.Namespace) -> int:
         args = merge_serve_config(args)
         cache = cache_config(args)
         upstream = upstream_config(args)
-        host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter())
+        host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter(),
+                    backend_options=SERVER_BACKENDS)
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -488,7 +492,7 @@ def cache_eval_main(args: argparse.Namespace) -> int:
         print(f"wasinn: `wasinn cache eval` needs pip install 'wasinn[server]' ({e})",
               file=sys.stderr)
         return EXIT_USAGE
-    host = Host(threads=args.threads, module_cache=False)
+    host = Host(threads=args.threads, module_cache=False, backend_options=SERVER_BACKENDS)
     embedder = verifier = None
     try:
         if args.part is not None:
@@ -508,7 +512,6 @@ def cache_eval_main(args: argparse.Namespace) -> int:
         floor = CACHE_VERIFIED_THRESHOLD if args.threshold is None else args.threshold
         if not _no_verifier(args):
             from .cache import Verifier
-            from .tensor import GraphEncoding
 
             verifier = Verifier(None if args.verifier is None else Path(args.verifier),
                                 backend=host.backends.get(GraphEncoding.ONNX))

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
@@ -18,6 +19,7 @@ from .abi._raw import store_key
 from .backends import Backends
 from .modcache import ModuleCache
 from .registry import ModelSpec, Progress, Registry
+from .tensor import GraphEncoding
 
 Output = str | os.PathLike[str] | Callable[[bytes], None] | None
 
@@ -56,13 +58,15 @@ class Host:
                  max_memory: int | None = None, timeout: float | None = None,
                  max_tensor_bytes: int | None = None,
                  module_cache: bool | str | os.PathLike[str] = True,
-                 progress: Progress | None = None, engine: wasmtime.Engine | None = None) -> None:
+                 progress: Progress | None = None, engine: wasmtime.Engine | None = None,
+                 backend_options: Mapping[GraphEncoding, Mapping[str, Any]] | None = None
+                 ) -> None:
         if engine is None:
             config = wasmtime.Config()
             config.epoch_interruption = True
             engine = wasmtime.Engine(config)
         self.engine = engine
-        self.backends = Backends(threads=threads)
+        self.backends = Backends(threads=threads, options=backend_options)
         self.registry = Registry(self.backends, progress=progress)
         for model in models:
             self.add_model(model)

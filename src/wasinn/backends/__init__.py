@@ -95,9 +95,13 @@ class Backends:
     """The backends one Host offers, made on first use and kept for the Host's life."""
 
     def __init__(self, threads: int | None = None,
-                 factories: dict[GraphEncoding, BackendFactory] | None = None) -> None:
+                 factories: dict[GraphEncoding, BackendFactory] | None = None,
+                 options: Mapping[GraphEncoding, Mapping[str, Any]] | None = None) -> None:
+        """`options`: keyword arguments for a backend's constructor, by encoding (e.g.
+        `{GraphEncoding.ONNX: {"spin_after_run": False}}`)."""
         self._threads = threads
         self._factories = dict(factories or {})
+        self._options = {GraphEncoding(k): dict(v) for k, v in (options or {}).items()}
         self._made: dict[GraphEncoding, Backend] = {}
 
     def get(self, encoding: GraphEncoding | int) -> Backend:
@@ -125,7 +129,8 @@ class Backends:
             raise InvalidEncoding(
                 f"the {encoding.name.lower()} backend needs {e.name or 'its framework'}: "
                 f"pip install 'wasinn[{extra}]'") from None
-        return getattr(module, class_name)(threads=self._threads)
+        return getattr(module, class_name)(threads=self._threads,
+                                           **self._options.get(encoding, {}))
 
 
 def read_graph_dir(backend: Backend, directory: Path) -> list[Path]:
