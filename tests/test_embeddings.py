@@ -293,3 +293,39 @@ def test_cli_serve_refuses_a_missing_tokenizer(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"the embedding tokenizer {tmp_path / 'nope.json'}: no such file" in result.stderr
+
+
+def test_the_token_states_are_found_among_several_outputs(tmp_path: Path) -> None:
+    """A model without `last_hidden_state` (paraphrase-MiniLM-L3-v2's export, say) whose one
+    (batch, sequence, dimensions) output holds the token states: that one is pooled."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])
+    pooled = helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["b", 2])
+    states = helper.make_tensor_value_info("states", TensorProto.FLOAT, ["b", "s", 2])
+    nodes = [  # states[b, s] = (id, 2 id); pooled = their mean over s
+        helper.make_node("Constant", [], ["axes"], value=helper.make_tensor(
+            "axes", TensorProto.INT64, [1], [2])),
+        helper.make_node("Unsqueeze", ["input_ids", "axes"], ["column"]),
+        helper.make_node("Cast", ["column"], ["one"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["one", "one"], ["two"]),
+        helper.make_node("Concat", ["one", "two"], ["states"], axis=2),
+        helper.make_node("ReduceMean", ["states"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("Identity", ["attention_mask"], ["unused"]),
+    ]
+    unused = helper.make_tensor_value_info("unused", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph(nodes, "states", [ids, mask], [pooled, states, unused])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "states.onnx"
+    onnx.save(model, str(path))
+    host = Host(models=[f"states:ONNX:CPU:{path}"], module_cache=False)
+    embedder = OnnxEmbedder(host.registry)
+    try:
+        vector = embedder.embed_now("states", ["hello world"]).vectors[0]
+    finally:
+        embedder.close()
+        host.close()
+    np.testing.assert_allclose(vector, np.array([1, 2]) / np.sqrt(5), rtol=1e-6)

@@ -93,6 +93,7 @@ class OnnxGraph:
         self.input_shapes = [[d if isinstance(d, int) else None for d in i.shape]
                              for i in self.inputs]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.output_ranks = [len(o.shape) for o in session.get_outputs()]
 
     def input_dtype(self, index: int) -> np.dtype | None:
         if 0 <= index < len(self.input_dtypes):

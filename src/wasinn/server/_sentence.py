@@ -99,13 +99,17 @@ def _layout(model: str, graph: object) -> _Layout:
         raise ApiError(400, f"{model} is not a sentence-embedding model: it takes "
                             f"{', '.join(names)}; an embedding model takes input_ids, "
                             f"attention_mask and optionally token_type_ids", param="model")
+    ranks = getattr(graph, "output_ranks", [None] * len(outputs))
     if "last_hidden_state" in outputs:
         output = outputs.index("last_hidden_state")
     elif len(outputs) == 1:
         output = 0
+    elif ranks.count(3) == 1:  # the one (batch, sequence, dimensions) output: token states
+        output = ranks.index(3)
     else:
         raise ApiError(400, f"{model} is not a sentence-embedding model: no last_hidden_state "
-                            f"among its outputs ({', '.join(outputs)})", param="model")
+                            f"nor one (batch, sequence, dimensions) output among its outputs "
+                            f"({', '.join(outputs)})", param="model")
     return _Layout(tuple(enumerate(names)), output)
 
 
