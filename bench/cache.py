@@ -92,7 +92,7 @@ from wasinn.backends.onnx import OnnxGraph
 from wasinn.cache import (DEFAULT_THRESHOLD, STATUS_HEADER, Entry, SemanticCache, SQLiteStore,
                           scope)
 from wasinn.cache import DEFAULT_VERIFIER, VERIFIED_COSINE_FLOOR, Verifier
-from wasinn.cache._eval import load_pairs
+from wasinn.cache._pairs import load_pairs
 from wasinn.cli import SERVER_BACKENDS
 from wasinn.host import Host
 from wasinn.tensor import GraphEncoding

