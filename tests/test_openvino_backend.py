@@ -3,22 +3,24 @@ classifier through the classify guest, against onnxruntime."""
 
 from __future__ import annotations
 
-import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install 'wasinn[openvino]'")
+ov = pytest.importorskip("openvino",
+                         reason="openvino is not installed: pip install 'wasinn[openvino]'")
 
 from exerciser import BUILDER, CURRENT, LEGACY, TARGET_CPU, Exerciser, check_add  # noqa: E402
-from onnx_models import identity_model  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from onnx_models import OPSET, identity_model  # noqa: E402
 from test_real_model import parse_top5  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
 from wasinn.backends.openvino import OpenvinoBackend  # noqa: E402
 from wasinn.errors import (BackendError, Errno, InvalidArgument,  # noqa: E402
-                           UnsupportedOperation)
+                           InvalidEncoding, UnsupportedOperation)
 from wasinn.tensor import ExecutionTarget, GraphEncoding, Tensor, TensorType  # noqa: E402
 
 ENCODING_OPENVINO = 0
@@ -82,7 +84,8 @@ def test_ir_builders(ir_models: dict[str, Path]) -> None:
     ctx = graph.init_execution_context()
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     ctx.set_input(0, Tensor.from_array(x))
-    ctx.set_input(1, Tensor.from_array(x * 10))
+    read_only = np.frombuffer((x * 10).tobytes(), np.float32).reshape(2, 3)
+    ctx.set_input(1, Tensor.from_array(read_only))
     ctx.compute()
     assert ctx.get_output(0).tolist() == (x * 11).tolist()
 
@@ -118,6 +121,16 @@ def test_input_checks(onnx_models: dict[str, Path], tmp_path: Path) -> None:
         assert ctx.get_output(0).tolist() == x.tolist()
     with pytest.raises(InvalidArgument, match=r"expects dims \[\?,2\], got \[3, 3\]"):
         ctx.set_input(0, Tensor.from_array(np.zeros((3, 3), np.float32)))
+    # an element type no witx tensor type carries: the glue hands such an input raw bytes
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])
+    bf16 = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])],
+                                               "bf16", [x], [y]), opset_imports=OPSET)
+    graph = OpenvinoBackend().load([bf16.SerializeToString()], CPU)
+    assert graph.input_dtype(0) is None
+    with pytest.raises(InvalidArgument, match="bf16, which no wasi-nn tensor type carries"):
+        graph.init_execution_context().set_input(
+            0, Tensor((2,), TensorType.U8, np.zeros(4, np.uint8)))
 
 
 def test_contexts_are_independent(onnx_models: dict[str, Path]) -> None:
@@ -191,6 +204,17 @@ def test_gpu_target_uses_the_gpu(onnx_models: dict[str, Path]) -> None:
     graph = OpenvinoBackend().load([onnx_models["two_outputs"].read_bytes()], ExecutionTarget.GPU)
     assert graph.compiled.get_property("EXECUTION_DEVICES")[0].startswith("GPU")
     assert run_two_outputs(graph) == ([1.0, 2.0, 4.0, -8.0], [-1, 2, -3])
+
+
+def test_backends_by_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    backends = Backends()
+    assert isinstance(backends.get(0), OpenvinoBackend)
+    assert backends.get(GraphEncoding.OPENVINO) is backends.get(0)
+    # without the framework: invalid_encoding naming the extra to install
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
+    monkeypatch.delitem(sys.modules, "wasinn.backends.openvino")
+    with pytest.raises(InvalidEncoding, match=r"needs openvino: pip install 'wasinn\[openvino\]'"):
+        Backends().get(GraphEncoding.OPENVINO)
 
 
 def test_streaming_calls_are_unsupported(onnx_models: dict[str, Path]) -> None:
