@@ -71,8 +71,8 @@ def test_backends_by_encoding() -> None:
     backends = Backends(threads=2)
     assert isinstance(backends.get(GraphEncoding.ONNX), OnnxBackend)
     assert backends.get(1) is backends.get(GraphEncoding.ONNX)
-    with pytest.raises(InvalidEncoding, match="no backend for encoding openvino"):
-        backends.get(GraphEncoding.OPENVINO)
+    with pytest.raises(InvalidEncoding, match="no backend for encoding tensorflow"):
+        backends.get(GraphEncoding.TENSORFLOW)
     with pytest.raises(InvalidEncoding):
         backends.get(99)
 

@@ -84,6 +84,7 @@ class NotStreaming:
 # encoding -> (module, class, extra to install): imported lazily so a missing framework only
 # matters to the guests that ask for it.
 _KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
+    GraphEncoding.OPENVINO: ("wasinn.backends.openvino", "OpenvinoBackend", "openvino"),
     GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
     GraphEncoding.GGML: ("wasinn.backends.ggml", "GgmlBackend", "llm"),
 }
