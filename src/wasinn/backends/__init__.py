@@ -85,6 +85,7 @@ class NotStreaming:
 # matters to the guests that ask for it.
 _KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
     GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
+    GraphEncoding.TENSORFLOWLITE: ("wasinn.backends.litert", "LiteRtBackend", "litert"),
     GraphEncoding.GGML: ("wasinn.backends.ggml", "GgmlBackend", "llm"),
 }
 
