@@ -5,6 +5,7 @@ to TFLite, each checked against ai-edge-litert's Interpreter called directly."""
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import shutil
 import sys
 import threading
@@ -25,7 +26,7 @@ from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
 from wasinn.backends.litert import LiteRtBackend  # noqa: E402
 from wasinn.errors import (BackendError, Errno, InvalidArgument, InvalidEncoding,  # noqa: E402
-                           UnsupportedOperation)
+                           UnsupportedOperation, WasiNnError)
 from wasinn.tensor import ExecutionTarget, GraphEncoding, Tensor, TensorType  # noqa: E402
 
 ENCODING_TFLITE = int(GraphEncoding.TENSORFLOWLITE)
@@ -171,6 +172,35 @@ def test_targets_and_bad_models(tflite_models: dict[str, Path]) -> None:
         backend.load(model * 2, CPU)
     with pytest.raises(BackendError, match="could not prepare"):
         backend.load([tflite_models["mismatched_add"].read_bytes()], CPU)
+    with pytest.raises(BackendError, match="outside its 2 tensors"):
+        backend.load([tflite_models["output_out_of_range"].read_bytes()], CPU)
+
+
+def test_mutated_models_fail_cleanly(tflite_models: dict[str, Path]) -> None:
+    """Byte-flipped small models: each loads and runs, or fails with a wasi-nn error; none
+    escapes as another exception or takes the process down (LiteRT once did, freeing an
+    interpreter whose subgraph output named no tensor)."""
+    rng = np.random.default_rng(6)
+    originals = [tflite_models[name].read_bytes()
+                 for name in ("add", "two_outputs", "dynamic_rows", "int8_dequantize")]
+    outcomes = {"ran": 0, "refused": 0}
+    for _ in range(400):
+        model = bytearray(originals[rng.integers(len(originals))])
+        for position in rng.integers(len(model), size=rng.integers(1, 5)):
+            model[position] = rng.integers(256)
+        try:
+            graph = LiteRtBackend().load([bytes(model)], CPU)
+            ctx = graph.init_execution_context()
+            for index, (shape, dtype) in enumerate(zip(graph.input_shapes, graph.input_dtypes)):
+                dims = tuple(min(max(d, 1), 8) for d in shape)
+                carrier = graph.input_dtype(index) or np.dtype(np.uint8)  # as the ABI glue
+                zeros = np.zeros(math.prod(dims) * dtype.itemsize // carrier.itemsize, carrier)
+                ctx.set_input(index, Tensor(dims, TensorType.from_dtype(carrier), zeros))
+            ctx.compute()
+            outcomes["ran"] += 1
+        except WasiNnError:
+            outcomes["refused"] += 1
+    assert outcomes["ran"] > 0 and outcomes["refused"] > 300
 
 
 def test_streaming_calls_are_unsupported(tflite_models: dict[str, Path]) -> None:
@@ -203,11 +233,12 @@ def test_contexts_run_at_once_on_threads(tflite_models: dict[str, Path]) -> None
     assert failures == []
 
 
-def test_backends_by_encoding() -> None:
+def test_backends_by_encoding(tflite_models: dict[str, Path]) -> None:
     backends = Backends(threads=3)
     backend = backends.get(ENCODING_TFLITE)
     assert isinstance(backend, LiteRtBackend) and backend.graph_files == ("model.tflite",)
     assert backends.get(GraphEncoding.parse("TensorFlowLite")) is backend
+    assert backend.load([tflite_models["add"].read_bytes()], CPU).threads == 3  # num_threads
 
 
 def test_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

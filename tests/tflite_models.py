@@ -48,6 +48,14 @@ def mismatched_add() -> bytes:
     return w.finish([x, y], [z])
 
 
+def output_out_of_range() -> bytes:
+    """The int8 DEQUANTIZE model, its subgraph's output naming a tensor it does not have."""
+    w = _writer_class()()
+    q = w.tensor("q", [4], np.int8, scale=0.5, zero_point=-1)
+    w.op("DEQUANTIZE", [q], [w.tensor("real", [4], np.float32)])
+    return w.finish([q], [7])
+
+
 def two_outputs() -> bytes:
     """Inputs x float32 [4], y int32 [3]; outputs x * 2 and -y."""
     w = _writer_class()()
@@ -88,7 +96,8 @@ def dequantize(dtype: np.dtype | type, scale: float, zero_point: int) -> bytes:
 
 def make_all(directory: Path) -> dict[str, Path]:
     """Every model above as DIRECTORY/NAME.tflite."""
-    models = {"add": add(), "mismatched_add": mismatched_add(), "two_outputs": two_outputs(), "dynamic_rows": dynamic_rows(),
+    models = {"add": add(), "mismatched_add": mismatched_add(),
+              "output_out_of_range": output_out_of_range(), "two_outputs": two_outputs(), "dynamic_rows": dynamic_rows(),
               "int8_dequantize": dequantize(np.int8, 0.5, -1),
               "uint8_dequantize": dequantize(np.uint8, 0.25, 128),
               "identity_int16": identity(np.int16)}

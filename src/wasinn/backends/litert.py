@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
 from ..errors import BackendError, InvalidArgument, UnsupportedOperation
@@ -26,6 +27,22 @@ def _carrier(dtype: np.dtype) -> np.dtype | None:
     if dtype in _RIDES_ON_U8:
         return np.dtype(np.uint8)
     return None
+
+
+def _check_signature(model: bytes) -> None:
+    """Refuse a main subgraph whose inputs or outputs name no tensor, before LiteRT sees it:
+    ai-edge-litert 2.3.0 builds an interpreter from such a model and then corrupts its heap
+    freeing it (found by mutating small models), which would abort the host process."""
+    try:
+        graph = schema.Model.GetRootAs(model, 0).Subgraphs(0)
+        count = graph.TensorsLength()
+        indices = [*(graph.Inputs(i) for i in range(graph.InputsLength())),
+                   *(graph.Outputs(i) for i in range(graph.OutputsLength()))]
+    except Exception as e:  # the flatbuffer is not verified yet: anything may fail
+        raise BackendError(f"LiteRT could not load the model: not a TFLite flatbuffer ({e})") from e
+    if any(not 0 <= i < count for i in indices):
+        raise BackendError("LiteRT could not load the model: its inputs or outputs name "
+                           f"tensors outside its {count} tensors")
 
 
 class LiteRtBackend:
@@ -59,13 +76,14 @@ class LiteRtGraph:
     def __init__(self, model: bytes, threads: int | None) -> None:
         self.model = model
         self.threads = threads
+        _check_signature(model)
         probe = self.interpreter()
         try:  # the operators' checks run here: a broken model fails at load, not at compute
             probe.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
+            self.inputs = probe.get_input_details()
+            self.outputs = probe.get_output_details()
+        except Exception as e:  # ValueError, RuntimeError, UnicodeDecodeError (a tensor name)
             raise BackendError(f"LiteRT could not prepare the model: {e}") from e
-        self.inputs = probe.get_input_details()
-        self.outputs = probe.get_output_details()
         self.input_dtypes = [np.dtype(d["dtype"]) for d in self.inputs]
         # -1 where the model leaves a dim to be set at run time
         self.input_shapes = [[int(n) for n in d["shape_signature"]] for d in self.inputs]
