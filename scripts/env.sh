@@ -10,4 +10,7 @@ fi
 . "$root/.venv/bin/activate"
 python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24,<27" 2>&1 | grep -v '^WARNING: Location' || true
 python -m pip install --quiet --disable-pip-version-check -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' || true
+# MediaPipe's models (a real face detector for the LiteRT tests): 0.10.21 is the last release
+# that ships its .tflite files; --no-deps, as it declares numpy<2, jax and OpenCV, unneeded here
+python -m pip install --quiet --disable-pip-version-check --no-deps "mediapipe==0.10.21" 2>&1 | grep -v '^WARNING: Location' || true
 python -c "import wasinn, onnxruntime, torch, ziglang" # fail here, not later, if an install broke

@@ -34,7 +34,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import time
 import warnings
 from importlib import resources

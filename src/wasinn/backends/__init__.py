@@ -86,6 +86,7 @@ class NotStreaming:
 _KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
     GraphEncoding.OPENVINO: ("wasinn.backends.openvino", "OpenvinoBackend", "openvino"),
     GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
+    GraphEncoding.TENSORFLOWLITE: ("wasinn.backends.litert", "LiteRtBackend", "litert"),
     GraphEncoding.GGML: ("wasinn.backends.ggml", "GgmlBackend", "llm"),
 }
 
