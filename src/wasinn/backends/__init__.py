@@ -86,6 +86,7 @@ class NotStreaming:
 _KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
     GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
     GraphEncoding.GGML: ("wasinn.backends.ggml", "GgmlBackend", "llm"),
+    GraphEncoding.PYTORCH: ("wasinn.backends.pytorch", "PytorchBackend", "pytorch"),
 }
 
 BackendFactory = Callable[[], Backend]
