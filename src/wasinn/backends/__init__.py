@@ -120,6 +120,10 @@ class Backends:
         factory = self._factories.get(encoding)
         if factory is not None:
             return factory()
+        if encoding == GraphEncoding.AUTODETECT:
+            from ._autodetect import AutodetectBackend  # it asks this Backends for the real one
+
+            return AutodetectBackend(self)
         known = _KNOWN.get(encoding)
         if known is None:
             raise InvalidEncoding(f"no backend for encoding {encoding.name.lower()} in this host")
