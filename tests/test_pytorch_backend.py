@@ -3,6 +3,8 @@ a real guest through the ABI, and the real classifier against onnxruntime."""
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -191,14 +193,17 @@ def test_a_guest_loads_torchscript_bytes(models: dict[str, bytes], guests: dict[
     host.close()
 
 
-def test_classifier_matches_onnxruntime(guests: dict[str, Path], example_assets: Path,
-                                        reference, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", [
+    "cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="needs torch with CUDA and a CUDA device"))])
+def test_classifier_matches_onnxruntime(target: str, guests: dict[str, Path],
+                                        example_assets: Path, reference, tmp_path: Path) -> None:
     """The real EfficientNet-Lite0, traced to TorchScript by examples/classify/prepare.py: the
     guest's top-5 through the pytorch backend is onnxruntime's on the ONNX export."""
     model = example_assets / "efficientnet-lite0"
     image = example_assets / "chelsea.ppm"
     labels = reference.load_labels(example_assets / "imagenet_labels.txt")
-    host = Host(models=[f"efficientnet-lite0-pt:pytorch:cpu:{model / 'model.pt'}"],
+    host = Host(models=[f"efficientnet-lite0-pt:pytorch:{target}:{model / 'model.pt'}"],
                 module_cache=tmp_path)
     out: list[bytes] = []
     code = host.run(guests["classify"], ["efficientnet-lite0-pt", "/data/chelsea.ppm",
@@ -212,7 +217,9 @@ def test_classifier_matches_onnxruntime(guests: dict[str, Path], example_assets:
         assert p_guest == pytest.approx(p_ref, abs=1e-4)  # the guest prints 4 decimals
     assert got[0][0] == 285 and got[0][2] == "Egyptian cat"
     # all 1000 probabilities at full precision, the same graph the guest used
-    ctx = host.registry.get("efficientnet-lite0-pt").init_execution_context()
+    graph = host.registry.get("efficientnet-lite0-pt")
+    assert graph.device.type == ("cuda" if target == "gpu" else "cpu")
+    ctx = graph.init_execution_context()
     ctx.set_input(0, Tensor.from_array(reference.preprocess(image)))
     ctx.compute()
     import onnxruntime as ort
@@ -223,3 +230,13 @@ def test_classifier_matches_onnxruntime(guests: dict[str, Path], example_assets:
     probs_ort = reference.softmax(logits.reshape(-1))
     assert np.abs(probs_torch - probs_ort).max() < 1e-5
     host.close()
+
+
+def test_classifier_trace_keeps_full_f32_on_cuda(example_assets: Path) -> None:
+    """A trace records cuDNN's TF32 switch as the last argument of every convolution; prepare.py
+    traces with it off, or on CUDA the top probability moves by 7e-3 (seen on an H100)."""
+    with zipfile.ZipFile(example_assets / "efficientnet-lite0" / "model.pt") as archive:
+        code = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith(".py"))
+    convolutions = re.findall(r"torch\._convolution\((.*)\)$", code, re.M)
+    assert len(convolutions) >= 30  # the stem, 16 blocks, the head
+    assert all(c.endswith(", True, False") for c in convolutions)  # cudnn on, allow_tf32 off

@@ -4,6 +4,8 @@ Inputs are forward's arguments and outputs its returned tensors, both by index: 
 list result is flattened depth-first. A saved TorchScript module keeps no input dtypes or
 shapes (a traced model's example shapes are dropped on save), so the guest's tensor type is
 taken as given and torch checks the rest; its errors come back as BackendError.
+On CUDA a traced model computes convolutions as it was traced: the trace records cuDNN's TF32
+switch in each call (examples/classify/prepare.py traces with TF32 off).
 """
 
 from __future__ import annotations
