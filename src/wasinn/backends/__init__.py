@@ -88,6 +88,7 @@ _KNOWN: dict[GraphEncoding, tuple[str, str, str]] = {
     GraphEncoding.ONNX: ("wasinn.backends.onnx", "OnnxBackend", "onnx"),
     GraphEncoding.TENSORFLOWLITE: ("wasinn.backends.litert", "LiteRtBackend", "litert"),
     GraphEncoding.GGML: ("wasinn.backends.ggml", "GgmlBackend", "llm"),
+    GraphEncoding.PYTORCH: ("wasinn.backends.pytorch", "PytorchBackend", "pytorch"),
 }
 
 BackendFactory = Callable[[], Backend]
@@ -121,6 +122,10 @@ class Backends:
         factory = self._factories.get(encoding)
         if factory is not None:
             return factory()
+        if encoding == GraphEncoding.AUTODETECT:
+            from ._autodetect import AutodetectBackend  # it asks this Backends for the real one
+
+            return AutodetectBackend(self)
         known = _KNOWN.get(encoding)
         if known is None:
             raise InvalidEncoding(f"no backend for encoding {encoding.name.lower()} in this host")
