@@ -192,8 +192,8 @@ def bench_case(host: Host, module: wasmtime.Module, case: Case, array: np.ndarra
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=21,
-                        help="timed rounds per backend, guest and direct alternating (default 21)")
+    parser.add_argument("--rounds", type=int, default=31,
+                        help="timed rounds per backend, guest and direct alternating (default 31)")
     parser.add_argument("--iters", type=int, default=10,
                         help="inferences per round (default 10)")
     parser.add_argument("--warmup", type=int, default=3,
