@@ -29,27 +29,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import wasmtime
 
-from _common import ROOT, build_guests, load_script
+from _common import (CLASSIFIER, MODELS_OUT, GuestRunner, Result, Side, build_bench_guest,
+                     classifier_input, describe, measure, prepare_classifier, print_table,
+                     us)
 from wasinn.backends.onnx import OnnxGraph
 from wasinn.host import Host
 from wasinn.registry import ModelSpec
-from wasinn.tensor import ExecutionTarget, GraphEncoding, TensorType
-
-MODELS_OUT = ROOT / "build" / "bench"
-EXAMPLE_OUT = ROOT / "build" / "example"
-CLASSIFIER = EXAMPLE_OUT / "efficientnet-lite0" / "model.onnx"
-IMAGE = EXAMPLE_OUT / "chelsea.ppm"
+from wasinn.tensor import ExecutionTarget, GraphEncoding
 
 TINY_SHAPE = (1, 16)
 #: the targets of the issue: the classifier through a guest within 3% of direct onnxruntime,
@@ -59,10 +53,6 @@ TARGET_FIXED_US = 40.0
 
 
 # --- set-up ----------------------------------------------------------------------------------
-
-
-def build_bench_guest() -> Path:
-    return build_guests(["bench"])["bench"]
 
 
 def make_tiny_model(path: Path) -> Path:
@@ -85,96 +75,13 @@ def make_tiny_model(path: Path) -> Path:
     return path
 
 
-def prepare_classifier() -> None:
-    """examples/classify/prepare.py into build/example (it skips what exists)."""
-    if CLASSIFIER.exists() and IMAGE.exists():
-        return
-    cmd = [sys.executable, str(ROOT / "examples" / "classify" / "prepare.py"), str(EXAMPLE_OUT)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
-                         f"{proc.stdout}{proc.stderr}")
-
-
-def classifier_input() -> np.ndarray:
-    reference = load_script("wasinn_bench_reference", ROOT / "examples" / "classify" / "reference.py")
-    array: np.ndarray = reference.preprocess(IMAGE)
-    return array
-
-
 # --- the two sides ---------------------------------------------------------------------------
-
-
-#: runs n inferences and answers the seconds they took
-Side = Callable[[int], float]
-
-
-class GuestRunner:
-    """One instance of guests/bench.c with its context set up and its input in its memory."""
-
-    def __init__(self, host: Host, module: wasmtime.Module, model: str, array: np.ndarray,
-                 output_bytes: int) -> None:
-        self.store = wasmtime.Store(host.engine)
-        self.state = host.add_to_store(self.store)
-        instance = host.linker(wasi=False).instantiate(self.store, module)
-        exports = instance.exports(self.store)
-
-        def func(name: str) -> wasmtime.Func:
-            found = exports[name]
-            assert isinstance(found, wasmtime.Func), name
-            return found
-
-        memory = exports["memory"]
-        assert isinstance(memory, wasmtime.Memory)
-        self.memory = memory
-        func("_initialize")(self.store)
-        alloc = func("bench_alloc")
-        name = model.encode()
-        dims = np.asarray(array.shape, dtype="<u4").tobytes()
-        data = np.ascontiguousarray(array).tobytes()
-        name_ptr = self._put(alloc, name)
-        dims_ptr = self._put(alloc, dims)
-        in_ptr = self._put(alloc, data)
-        self.out_ptr = self._alloc(alloc, output_bytes)
-        self.output_bytes = output_bytes
-        self._check(func("bench_setup")(self.store, name_ptr, len(name)), "bench_setup")
-        self._run = func("bench_run")
-        tensor_type = int(TensorType.from_dtype(array.dtype))
-        self._args = (in_ptr, len(data), dims_ptr, len(array.shape), tensor_type, self.out_ptr,
-                      output_bytes)
-
-    def _alloc(self, alloc: wasmtime.Func, size: int) -> int:
-        ptr = alloc(self.store, size)
-        assert isinstance(ptr, int)
-        if ptr == 0:
-            raise MemoryError(f"bench_alloc({size}) failed in the guest")
-        return ptr
-
-    def _put(self, alloc: wasmtime.Func, data: bytes) -> int:
-        ptr = self._alloc(alloc, max(len(data), 1))
-        self.memory.write(self.store, data, ptr)
-        return ptr
-
-    def _check(self, errno: object, what: str) -> None:
-        if errno != 0:
-            raise RuntimeError(f"guest {what} answered errno {errno}: {self.state.last_error}")
-
-    def __call__(self, n: int) -> float:
-        run, store, args = self._run, self.store, self._args
-        start = time.perf_counter()
-        errno = run(store, n, *args)
-        elapsed = time.perf_counter() - start
-        self._check(errno, "bench_run")
-        return elapsed
-
-    def output(self) -> bytes:
-        return bytes(self.memory.read(self.store, self.out_ptr, self.out_ptr + self.output_bytes))
 
 
 def direct_side(session: ort.InferenceSession, array: np.ndarray) -> Side:
     feeds = {session.get_inputs()[0].name: array}
 
-    def run(n: int) -> float:
+    def run(n: int) -> float:  # inline, not timed_loop: a lambda call shows on the tiny model
         session_run = session.run
         start = time.perf_counter()
         for _ in range(n):
@@ -185,60 +92,6 @@ def direct_side(session: ort.InferenceSession, array: np.ndarray) -> Side:
 
 
 # --- measuring -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Result:
-    model: str
-    input: str  # e.g. f32[1,16]
-    iters: int
-    direct: list[float]  # seconds per inference, one per round
-    guest: list[float]
-
-    @property
-    def direct_s(self) -> float:
-        return statistics.median(self.direct)
-
-    @property
-    def guest_s(self) -> float:
-        return statistics.median(self.guest)
-
-    @property
-    def ratio(self) -> float:
-        return self.guest_s / self.direct_s
-
-    @property
-    def fixed_us(self) -> float:
-        return (self.guest_s - self.direct_s) * 1e6
-
-    @property
-    def noise_us(self) -> float:
-        """Half the interquartile range of the per-round differences guest - direct."""
-        diffs = [g - d for g, d in zip(self.guest, self.direct)]
-        if len(diffs) < 4:
-            return float("nan")
-        q1, _, q3 = statistics.quantiles(diffs, n=4)
-        return (q3 - q1) / 2 * 1e6
-
-
-def measure(model: str, input_label: str, direct: Side, guest: Side, iters: int,
-            rounds: int, warmup: int) -> Result:
-    """Warm both sides up, then alternate them round by round (A B, B A, ...)."""
-    for _ in range(warmup):
-        direct(iters)
-        guest(iters)
-    direct_times: list[float] = []
-    guest_times: list[float] = []
-    for r in range(rounds):
-        if r % 2 == 0:
-            d = direct(iters)
-            g = guest(iters)
-        else:
-            g = guest(iters)
-            d = direct(iters)
-        direct_times.append(d / iters)
-        guest_times.append(g / iters)
-    return Result(model, input_label, iters, direct_times, guest_times)
 
 
 def bench_model(host: Host, module: wasmtime.Module, name: str, array: np.ndarray, iters: int,
@@ -254,7 +107,7 @@ def bench_model(host: Host, module: wasmtime.Module, name: str, array: np.ndarra
     got = np.frombuffer(guest.output(), dtype=expected.dtype).reshape(expected.shape)
     if not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
         raise SystemExit(f"{name}: the guest's output differs from onnxruntime's")
-    result = measure(name, _describe(array), direct_side(session, array), guest, iters, rounds,
+    result = measure(name, describe(array), direct_side(session, array), guest, iters, rounds,
                      warmup)
     call_s = statistics.median(guest(0) for _ in range(max(rounds, 5)))
     return result, call_s
@@ -263,27 +116,14 @@ def bench_model(host: Host, module: wasmtime.Module, name: str, array: np.ndarra
 # --- report ----------------------------------------------------------------------------------
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.1f}"
-
-
-def _describe(array: np.ndarray) -> str:
-    kind = TensorType.from_dtype(array.dtype).name.lower()
-    return f"{kind}[{','.join(map(str, array.shape))}]"
-
-
 def report(results: list[Result], call_s: dict[str, float], header: str) -> bool:
     print(header)
     rows = [("model", "input", "iters", "direct us", "guest us", "ratio", "fixed us", "+/- us")]
     for r in results:
-        rows.append((r.model, r.input, str(r.iters), _us(r.direct_s), _us(r.guest_s),
+        rows.append((r.model, r.input, str(r.iters), us(r.direct_s), us(r.guest_s),
                      f"{r.ratio:.3f}", f"{r.fixed_us:,.1f}", f"{r.noise_us:,.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [cell.ljust(w) if i < 2 else cell.rjust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths))]
-        print("  " + "  ".join(cells))
-    calls = ", ".join(f"{name} {_us(s)} us" for name, s in call_s.items())
+    print_table(rows, left=2)
+    calls = ", ".join(f"{name} {us(s)} us" for name, s in call_s.items())
     print(f"  (medians per inference over rounds; +/- is half the IQR of guest - direct per round;"
           f"\n   one Python -> wasm bench_run call, amortized over iters: {calls})")
     by_name = {r.model: r for r in results}
