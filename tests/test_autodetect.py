@@ -212,19 +212,11 @@ def test_classifier_through_autodetect(file: str, guests: dict[str, Path], examp
     """The real classifier, preloaded as autodetect: the guest's top-5 is onnxruntime's."""
     if file.endswith(".pt"):
         needs_torch()
-    from test_real_model import parse_top5
+    from test_real_model import check_classifier
 
     model = example_assets / "efficientnet-lite0"
     host = Host(models=[f"classifier:autodetect:cpu:{model / file}"], module_cache=tmp_path)
-    out: list[bytes] = []
-    code = host.run(guests["classify"], ["classifier", "/data/chelsea.ppm",
-                                         "/data/imagenet_labels.txt"],
-                    dirs=[f"{example_assets}:/data"], stdout=out.append)
-    assert code == 0
-    got = parse_top5(b"".join(out).decode())
-    expected = reference.top5(model / "model.onnx", example_assets / "chelsea.ppm",
-                              reference.load_labels(example_assets / "imagenet_labels.txt"))
-    assert [(c, label) for c, _, label in got] == [(c, label) for c, _, label in expected]
-    for (_, p_guest, _), (_, p_ref, _) in zip(got, expected):
-        assert p_guest == pytest.approx(p_ref, abs=1e-4)  # the guest prints 4 decimals
-    host.close()
+    try:
+        check_classifier(host, guests, example_assets, reference, "classifier", 1e-4)
+    finally:
+        host.close()

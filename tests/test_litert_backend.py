@@ -20,7 +20,7 @@ pytest.importorskip("ai_edge_litert", reason="the tensorflowlite backend needs a
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from exerciser import CURRENT, LEGACY, Exerciser, check_add  # noqa: E402
-from test_real_model import parse_top5  # noqa: E402
+from test_real_model import check_classifier  # noqa: E402
 from tflite_models import make_all, to_tflite  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
@@ -399,17 +399,7 @@ def test_classifier_guest_on_litert_matches_onnxruntime(guests: dict[str, Path],
                                                          tmp_path: Path) -> None:
     host = Host(models=[f"efficientnet-lite0:tensorflowlite:cpu:{tflite_classifier}"],
                 module_cache=tmp_path)
-    out: list[bytes] = []
-    code = host.run(guests["classify"], ["efficientnet-lite0", "/data/chelsea.ppm",
-                                         "/data/imagenet_labels.txt"],
-                    dirs=[f"{example_assets}:/data"], stdout=out.append)
-    assert code == 0
-    got = parse_top5(b"".join(out).decode())
-    expected = reference.top5(example_assets / "efficientnet-lite0" / "model.onnx",
-                              example_assets / "chelsea.ppm",
-                              reference.load_labels(example_assets / "imagenet_labels.txt"))
-    assert [(c, label) for c, _, label in got] == [(c, label) for c, _, label in expected]
-    for (_, p_guest, _), (_, p_ref, _) in zip(got, expected):
-        assert p_guest == pytest.approx(p_ref, abs=2e-4)
-    assert got[0][0] == 285 and got[0][2] == "Egyptian cat"
-    host.close()
+    try:
+        check_classifier(host, guests, example_assets, reference)
+    finally:
+        host.close()

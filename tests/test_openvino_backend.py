@@ -15,7 +15,7 @@ ov = pytest.importorskip("openvino",
 from exerciser import BUILDER, CURRENT, LEGACY, TARGET_CPU, Exerciser, check_add  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from onnx_models import OPSET, identity_model  # noqa: E402
-from test_real_model import parse_top5  # noqa: E402
+from test_real_model import check_classifier  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
 from wasinn.backends.openvino import OpenvinoBackend  # noqa: E402
@@ -320,20 +320,10 @@ def test_classifier_matches_onnxruntime(form: str, guests: dict[str, Path], exam
                        f"{classifier_ir / 'model.bin'}")
     else:
         host.add_graph_dir(f"openvino::{classifier_ir}")
-    out: list[bytes] = []
-    code = host.run(guests["classify"], ["efficientnet-lite0", "/data/chelsea.ppm",
-                                         "/data/imagenet_labels.txt"],
-                    dirs=[f"{example_assets}:/data"], stdout=out.append)
-    assert code == 0
-    assert host.registry.get("efficientnet-lite0").compiled.get_property(
-        "EXECUTION_DEVICES") == ["CPU"]
-    host.close()
-    got = parse_top5(b"".join(out).decode())
-    expected = reference.top5(onnx_model, example_assets / "chelsea.ppm",
-                              reference.load_labels(example_assets / "imagenet_labels.txt"))
-    assert [(c, label) for c, _, label in got] == [(c, label) for c, _, label in expected]
-    # measured: logits within 1.5e-5 of onnxruntime's, probabilities within 1e-6; the guest
-    # prints four decimals
-    for (_, p_guest, _), (_, p_ref, _) in zip(got, expected):
-        assert p_guest == pytest.approx(p_ref, abs=2e-4)
-    assert got[0][0] == 285 and got[0][2] == "Egyptian cat"
+    try:
+        # measured: logits within 1.5e-5 of onnxruntime's, probabilities within 1e-6
+        check_classifier(host, guests, example_assets, reference)
+        assert host.registry.get("efficientnet-lite0").compiled.get_property(
+            "EXECUTION_DEVICES") == ["CPU"]
+    finally:
+        host.close()

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch", reason="the pytorch backend needs torch: "
                                             "pip install 'wasinn[pytorch]'")
 
 from exerciser import CURRENT, LEGACY, Exerciser  # noqa: E402
-from test_real_model import parse_top5  # noqa: E402
+from test_real_model import check_classifier  # noqa: E402
 from torch_models import checkpoint_bytes, make_all  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
@@ -202,20 +202,9 @@ def test_classifier_matches_onnxruntime(target: str, guests: dict[str, Path],
     guest's top-5 through the pytorch backend is onnxruntime's on the ONNX export."""
     model = example_assets / "efficientnet-lite0"
     image = example_assets / "chelsea.ppm"
-    labels = reference.load_labels(example_assets / "imagenet_labels.txt")
     host = Host(models=[f"efficientnet-lite0-pt:pytorch:{target}:{model / 'model.pt'}"],
                 module_cache=tmp_path)
-    out: list[bytes] = []
-    code = host.run(guests["classify"], ["efficientnet-lite0-pt", "/data/chelsea.ppm",
-                                         "/data/imagenet_labels.txt"],
-                    dirs=[f"{example_assets}:/data"], stdout=out.append)
-    assert code == 0
-    got = parse_top5(b"".join(out).decode())
-    expected = reference.top5(model / "model.onnx", image, labels)
-    assert [(c, label) for c, _, label in got] == [(c, label) for c, _, label in expected]
-    for (_, p_guest, _), (_, p_ref, _) in zip(got, expected):
-        assert p_guest == pytest.approx(p_ref, abs=1e-4)  # the guest prints 4 decimals
-    assert got[0][0] == 285 and got[0][2] == "Egyptian cat"
+    check_classifier(host, guests, example_assets, reference, "efficientnet-lite0-pt", 1e-4)
     # all 1000 probabilities at full precision, the same graph the guest used
     graph = host.registry.get("efficientnet-lite0-pt")
     assert graph.device.type == ("cuda" if target == "gpu" else "cpu")

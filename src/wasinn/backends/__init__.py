@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import InvalidEncoding, UnsupportedOperation
+from ..errors import InvalidArgument, InvalidEncoding, UnsupportedOperation
 from ..tensor import ExecutionTarget, GraphEncoding, Tensor
 
 
@@ -79,6 +79,16 @@ class NotStreaming:
 
     def fini_single(self) -> None:
         raise UnsupportedOperation("this backend does not stream (fini_single)")
+
+
+def output_at(outputs: Sequence[np.ndarray] | None, index: int) -> np.ndarray:
+    """A context's output `index` after compute, as its get_output answers it."""
+    if outputs is None:
+        raise InvalidArgument("get_output before compute")
+    if not 0 <= index < len(outputs):
+        raise InvalidArgument(f"output index {index} out of range: the model has "
+                              f"{len(outputs)} output(s)")
+    return np.ascontiguousarray(outputs[index])
 
 
 # encoding -> (module, class, extra to install): imported lazily so a missing framework only

@@ -11,7 +11,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from ..errors import BackendError, InvalidArgument, UnsupportedOperation
 from ..tensor import ExecutionTarget, GraphEncoding, Tensor
-from . import NotStreaming
+from . import NotStreaming, output_at
 
 _WITX_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.uint8,
                                                 np.int32, np.int64))
@@ -169,13 +169,7 @@ class LiteRtContext(NotStreaming):
             raise BackendError(f"LiteRT failed: {e}") from e
 
     def get_output(self, index: int) -> np.ndarray:
-        outputs = self._outputs
-        if outputs is None:
-            raise InvalidArgument("get_output before compute")
-        if not 0 <= index < len(outputs):
-            raise InvalidArgument(f"output index {index} out of range: the model has "
-                                  f"{len(outputs)} output(s)")
-        return np.ascontiguousarray(outputs[index])
+        return output_at(self._outputs, index)
 
     def close(self) -> None:
         self._inputs.clear()

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from ..errors import BackendError, InvalidArgument, UnsupportedOperation
 from ..tensor import ExecutionTarget, GraphEncoding, Tensor
-from . import NotStreaming
+from . import NotStreaming, output_at
 
 _ORT_DTYPES = {
     "tensor(float16)": np.float16,
@@ -144,13 +144,7 @@ class OnnxContext(NotStreaming):
             raise BackendError(f"onnxruntime failed: {e}") from e
 
     def get_output(self, index: int) -> np.ndarray:
-        outputs = self._outputs
-        if outputs is None:
-            raise InvalidArgument("get_output before compute")
-        if not 0 <= index < len(outputs):
-            raise InvalidArgument(f"output index {index} out of range: the model has "
-                                  f"{len(outputs)} output(s)")
-        return np.ascontiguousarray(outputs[index])
+        return output_at(self._outputs, index)
 
     def close(self) -> None:
         self._feeds.clear()
