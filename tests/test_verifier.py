@@ -25,6 +25,8 @@ MINILM = Path(minilm_int8.model_path())
 # held-out QQP questions (part 0 of scripts/train_verifier.py: never trained on)
 YEAR = ("How do I prepare for GATE 2017 without coaching?",
         "How can I prepare for GATE 2018 without coaching?")
+PLACE = ("Which is a suitable inpatient drug and alcohol rehab center near Montgomery County GA?",
+         "Which is a suitable inpatient drug and alcohol rehab center near Pike County GA?")
 SAME = ("What is the best way to learn to improvise on the guitar?",
         "How do I learn to improvise on the guitar?")
 
@@ -38,9 +40,10 @@ def verifier() -> Iterator[Verifier]:
 
 def test_the_shipped_verifier_tells_a_rewording_from_another_year(verifier: Verifier) -> None:
     assert verifier.path == DEFAULT_VERIFIER
-    same, year = (float(verifier.check_now(a, [(b, c)])[0])
-                  for (a, b), c in ((SAME, 0.972), (YEAR, 0.958)))
-    assert same > 0.9 and year < 0.5, (same, year)
+    same, place, year = (float(verifier.check_now(a, [(b, c)])[0])
+                         for (a, b), c in ((SAME, 0.972), (PLACE, 0.965), (YEAR, 0.958)))
+    assert same > 0.9 and place < 0.1, (same, place)  # the cross-encoder reads the county
+    assert year == 0.0  # other numbers: turned away without a read
     # the cosine is folded in: the same pair, further apart, is less likely the same question
     lower = verifier.check_now(SAME[0], [(SAME[1], 0.90), (SAME[1], 0.85)])
     assert same > lower[0] > lower[1]

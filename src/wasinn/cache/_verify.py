@@ -16,6 +16,7 @@ by scripts/train_verifier.py; data/NOTICE says what it is and how it was made.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +38,14 @@ VERIFIED_COSINE_FLOOR = 0.85
 #: the pair of texts is cut to this many tokens, as in training
 MAX_TOKENS = 128
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "cosine")
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def numbers(text: str) -> list[str]:
+    """The digit runs of `text`, in order ("3.5" is two); leading zeros kept."""
+    return _NUMBER.findall(text)
 
 
 class Verifier:
@@ -79,13 +88,18 @@ class Verifier:
 
         One pair per compute: the int8 model quantizes its activations with one scale per
         tensor, so a pair batched with others (and their padding) would score differently
-        from the same pair alone; alone is how it was calibrated."""
+        from the same pair alone; alone is how it was calibrated. A candidate whose numbers
+        differ from the question's ("GATE 2017" / "GATE 2018", "iPhone 7" / "iPhone 8") is 0
+        without a read: the cross-encoder still took a few such pairs for the same question."""
         out = np.zeros(len(candidates), np.float32)
+        wanted = numbers(question)
         if not candidates:
             return out
         ctx = self._graph.init_execution_context()
         try:
             for row, (text, cosine) in enumerate(candidates):
+                if numbers(text) != wanted:
+                    continue
                 e = self._tokenizer.encode(question, text)
                 arrays = (np.array([e.ids], np.int64), np.ones((1, len(e.ids)), np.int64),
                           np.array([e.type_ids], np.int64), np.array([cosine], np.float32))
