@@ -87,7 +87,7 @@ import numpy as np
 import onnxruntime as ort
 
 import wasinn
-from _common import ROOT
+from _common import ROOT, print_table
 from wasinn.backends.onnx import OnnxGraph
 from wasinn.cache import (DEFAULT_THRESHOLD, STATUS_HEADER, Entry, SemanticCache, SQLiteStore,
                           scope)
@@ -715,15 +715,6 @@ def report_levels(levels: list[Level]) -> bool:
 
 
 # --- report and main -------------------------------------------------------------------------
-
-
-def print_table(rows: Sequence[Sequence[str]], left: int) -> None:
-    """`left` columns left-aligned, the others right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [cell.ljust(w) if i < left else cell.rjust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths))]
-        print("  " + "  ".join(cells))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 from exerciser import CURRENT, LEGACY, Exerciser, check_add  # noqa: E402
 from test_real_model import check_classifier  # noqa: E402
 from tflite_models import make_all, to_tflite  # noqa: E402
+from contexts import outputs_of  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
 from wasinn.backends.litert import LiteRtBackend  # noqa: E402
@@ -50,14 +51,7 @@ def run(graph, *arrays: np.ndarray) -> list[np.ndarray]:
     for index, array in enumerate(arrays):
         ctx.set_input(index, Tensor.from_array(array))
     ctx.compute()
-    outputs = []
-    index = 0
-    while True:
-        try:
-            outputs.append(ctx.get_output(index))
-        except InvalidArgument:
-            return outputs
-        index += 1
+    return outputs_of(ctx)
 
 
 def direct(model: bytes, *arrays: np.ndarray) -> list[np.ndarray]:

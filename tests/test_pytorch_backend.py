@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch", reason="the pytorch backend needs torch: "
 from exerciser import CURRENT, LEGACY, Exerciser  # noqa: E402
 from test_real_model import check_classifier  # noqa: E402
 from torch_models import checkpoint_bytes, make_all  # noqa: E402
+from contexts import outputs_of  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.backends import Backends  # noqa: E402
 from wasinn.backends.pytorch import PytorchBackend, PytorchGraph  # noqa: E402
@@ -45,14 +46,7 @@ def run(graph: PytorchGraph, *inputs: np.ndarray) -> list[np.ndarray]:
         ctx.set_input(index, Tensor(array.shape, TensorType.from_dtype(array.dtype),
                                     array.reshape(-1)))
     ctx.compute()
-    outputs = []
-    index = 0
-    while True:
-        try:
-            outputs.append(ctx.get_output(index))
-        except InvalidArgument:
-            return outputs
-        index += 1
+    return outputs_of(ctx)
 
 
 def test_inputs_and_outputs_by_index(models: dict[str, bytes]) -> None:
