@@ -11,6 +11,7 @@ switch in each call (examples/classify/prepare.py traces with TF32 off).
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,7 +60,10 @@ class PytorchBackend:
         device = self.device(target)
         archive = io.BytesIO(builders[0])
         try:
-            module = torch.jit.load(archive, map_location=device)
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates TorchScript, the format wasi-nn's pytorch encoding reads
+                warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)
+                module = torch.jit.load(archive, map_location=device)
         except Exception as e:  # torch raises RuntimeError, ValueError, pickle errors...
             if torch_zip_kind(archive) == "checkpoint":
                 raise BackendError("this is a torch.save checkpoint, not TorchScript: save the "
