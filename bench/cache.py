@@ -88,7 +88,6 @@ import onnxruntime as ort
 
 import wasinn
 from _common import ROOT, print_table
-from wasinn.backends.onnx import OnnxGraph
 from wasinn.cache import (DEFAULT_THRESHOLD, STATUS_HEADER, Entry, SemanticCache, SQLiteStore,
                           scope)
 from wasinn.cache import DEFAULT_VERIFIER, VERIFIED_COSINE_FLOOR, Verifier
@@ -408,8 +407,6 @@ async def lookup_latency(args: argparse.Namespace, host: Host, embedder: OnnxEmb
 
     if args.faiss_threads:
         faiss.omp_set_num_threads(args.faiss_threads)
-    graph = host.registry.get(EMBEDDING_MODEL)
-    assert isinstance(graph, OnnxGraph)
     gpt_embedding = GPTCacheOnnx(Path(host.registry.spec(EMBEDDING_MODEL).paths[0]))
     check = float(embedder.embed_now(EMBEDDING_MODEL, [data.pool[0]]).vectors[0]
                   @ gpt_embedding.to_embeddings(data.pool[0]))

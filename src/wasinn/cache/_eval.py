@@ -14,6 +14,7 @@ so one pass gives the whole sweep.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -59,7 +60,7 @@ class Report:
     store_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return dataclasses.asdict(self)
 
 
 Embed = Callable[[list[str]], np.ndarray]
