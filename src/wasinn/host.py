@@ -15,6 +15,7 @@ from typing import Any
 import wasmtime
 
 from .abi import Limits, NnState, WitxAbi
+from ._native import FastPath
 from .abi._raw import store_key
 from .backends import Backends
 from .modcache import ModuleCache
@@ -48,7 +49,8 @@ class Host:
     """A wasi-nn host: named models shared by every guest it runs, and the limits they run under.
 
     `module_cache` is True for the default directory (~/.cache/wasinn/modules), a directory, or
-    False to compile every time.
+    False to compile every time. `native=False` keeps every wasi-nn call in Python (by default
+    a guest's repeated set_input / get_output are served in C, built with zig if installed).
 
     >>> host = Host(models=["classifier:onnx:cpu:model.onnx"])
     >>> exit_code = host.run("classify.wasm", ["classifier", "cat.ppm"])
@@ -59,8 +61,8 @@ class Host:
                  max_tensor_bytes: int | None = None,
                  module_cache: bool | str | os.PathLike[str] = True,
                  progress: Progress | None = None, engine: wasmtime.Engine | None = None,
-                 backend_options: Mapping[GraphEncoding, Mapping[str, Any]] | None = None
-                 ) -> None:
+                 backend_options: Mapping[GraphEncoding, Mapping[str, Any]] | None = None,
+                 native: bool = True) -> None:
         if engine is None:
             config = wasmtime.Config()
             config.epoch_interruption = True
@@ -77,6 +79,9 @@ class Host:
         self.modules = ModuleCache(engine, cache_dir, enabled=module_cache is not False)
         self._states: dict[int, NnState] = {}
         self._abi = WitxAbi(self._states.get)
+        # a guest's repeated set_input / get_output served in C when zig can build it; made
+        # with the first Linker or Store, so a Host that runs no guest never builds it
+        self._native: bool | None = native
         self._ticker = _EpochTicker(engine)
         self._run_linker: wasmtime.Linker | None = None  # store-independent, so made once
 
@@ -98,7 +103,13 @@ class Host:
 
     def add_to_linker(self, linker: wasmtime.Linker) -> None:
         """Define the `wasi_ephemeral_nn` imports on `linker` (WASI is the embedder's choice)."""
+        self._start_native()
         self._abi.add_to_linker(linker)
+
+    def _start_native(self) -> None:
+        if self._native:
+            self._abi.fast = FastPath.create()
+        self._native = None  # decided
 
     def add_to_store(self, store: wasmtime.Store) -> NnState:
         """Give `store` its own wasi-nn handles and this host's limits. Call once per Store.
@@ -106,8 +117,10 @@ class Host:
         Every Store on `host.engine` needs this (or comes from `host.store()`): the engine
         runs with epoch interruption for timeouts, and this also sets the store's deadline.
         """
-        state = NnState(self.registry, self.backends, self.limits)
+        self._start_native()
         key = store_key(store)
+        state = NnState(self.registry, self.backends, self.limits, fast=self._abi.fast,
+                        store_key=key)
         self._states[key] = state
         weakref.finalize(store, self._forget, key, state)
         if self.max_memory is not None:

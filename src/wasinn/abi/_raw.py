@@ -16,6 +16,8 @@ from collections.abc import Callable
 import wasmtime
 from wasmtime import _ffi as ffi
 
+from .._native import FastPath
+
 # Raw host function: (caller address, *u32 args) -> i32 result. It must not raise.
 RawHandler = Callable[..., int]
 
@@ -53,20 +55,27 @@ def _finalize(env: int) -> None:
 
 
 def define_i32_func(linker: wasmtime.Linker, module: str, name: str, arity: int,
-                    handler: RawHandler) -> None:
-    """Define `module.name: (i32 x arity) -> i32` on `linker`, served by `handler`."""
+                    handler: RawHandler, fast: FastPath | None = None) -> None:
+    """Define `module.name: (i32 x arity) -> i32` on `linker`, served by `handler`, or first
+    by `fast`'s C code where it serves `name` (its misses still go to `handler`)."""
     if arity not in _UNPACK:
         raise ValueError(f"arity {arity} is not supported")
     i32 = wasmtime.ValType.i32()
     ty = wasmtime.FuncType([i32] * arity, [i32])
     handle = next(_ids)
     _handlers[handle] = handler
+    callback = ctypes.cast(_trampoline, ffi.wasmtime_func_unchecked_callback_t)
+    env, finalizer = handle, ctypes.cast(_finalize, ctypes.CFUNCTYPE(None, _c))
+    native = None if fast is None else fast.handler(name, _trampoline, handle, _finalize)
+    if native is not None:
+        callback, env, finalizer = native
     module_bytes, name_bytes = module.encode(), name.encode()
     error = ffi.wasmtime_linker_define_func_unchecked(
         linker.ptr(), module_bytes, len(module_bytes), name_bytes, len(name_bytes), ty.ptr(),
-        ctypes.cast(_trampoline, ffi.wasmtime_func_unchecked_callback_t), handle,
-        ctypes.cast(_finalize, ctypes.CFUNCTYPE(None, _c)))
+        callback, env, finalizer)
     if error:
+        if native is not None:
+            finalizer(env)  # type: ignore[operator]  # C's, which also drops the handler
         _handlers.pop(handle, None)
         raise wasmtime.WasmtimeError._from_ptr(error)
 

@@ -22,6 +22,7 @@ from ..backends import Backends, ExecutionContext, Graph
 from .._json import json_object
 from ..errors import BackendError, Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
 from ..registry import Registry
+from .._native import FastPath
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
 from ._raw import caller_context, caller_memory, define_i32_func
 
@@ -64,6 +65,21 @@ class NnState:
     next_context: int = 0
     #: the message behind the last errno other than success, for the embedder and the CLI
     last_error: str | None = None
+    #: per context, per input index: the host array set_input copies into, kept between
+    #: calls for backends that allow it (a fresh 600 KB array costs page faults every time)
+    input_buffers: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    #: the native repeat path and this store's key in it; the outputs it may copy from are
+    #: pinned here until the context computes again
+    fast: FastPath | None = None
+    store_key: int = 0
+    output_pins: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+    def input_buffer(self, ctx: int, index: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
+        buffers = self.input_buffers.setdefault(ctx, {})
+        buffer = buffers.get(index)
+        if buffer is None or buffer.nbytes != nbytes or buffer.dtype != dtype:
+            buffer = buffers[index] = np.empty(nbytes // dtype.itemsize, dtype)
+        return buffer
 
     def add_graph(self, graph: Graph) -> int:
         if len(self.graphs) >= self.limits.max_graphs:
@@ -85,10 +101,35 @@ class NnState:
         except KeyError:
             raise InvalidArgument(f"no execution context with handle {handle}") from None
 
+    def pin_output(self, ctx: int, index: int, output: np.ndarray | bytes | None) -> bool:
+        """Until the context computes again, C may answer get_output(index) with `output`
+        (replacing what it answered before). False if it cannot."""
+        if self.fast is None or not isinstance(output, np.ndarray) or not output.nbytes \
+                or not output.flags.c_contiguous or output.dtype.hasobject:
+            return False
+        self.fast.put_output(self.store_key, ctx, index, output.nbytes,
+                             output.__array_interface__["data"][0])
+        self.output_pins[(ctx, index)] = output  # alive while C may read it
+        return True
+
+    def forget_output(self, ctx: int, index: int) -> None:
+        if self.output_pins.pop((ctx, index), None) is not None and self.fast is not None:
+            self.fast.drop_output(self.store_key, ctx, index)
+
+    def forget_outputs(self, ctx: int) -> None:
+        """Before a context's outputs go: C must no longer copy from them."""
+        for c, index in list(self.output_pins):
+            if c == ctx:
+                self.forget_output(ctx, index)
+
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.drop_store(self.store_key)
+        self.output_pins.clear()
         for ctx, _ in self.contexts.values():
             ctx.close()
         self.contexts.clear()
+        self.input_buffers.clear()
         self.graphs.clear()
         self.graph_configs.clear()
         self.graph_by_name.clear()
@@ -136,9 +177,13 @@ class GuestMemory:
         """One copy from guest memory into a fresh array the guest can no longer touch."""
         return self.array(ptr, length, dtype).copy()
 
+    def copy_into(self, array: np.ndarray, ptr: int, length: int) -> None:
+        """One copy from guest memory into a C-contiguous host array of `length` bytes."""
+        ctypes.memmove(array.ctypes.data, self.check(ptr, length), length)
+
     def copy_out(self, ptr: int, array: np.ndarray) -> None:
         """One copy of a C-contiguous array into guest memory."""
-        self.array(ptr, array.nbytes, array.dtype)[:] = array.reshape(-1)
+        ctypes.memmove(self.check(ptr, array.nbytes), array.ctypes.data, array.nbytes)
 
 
 #: the wasi-nn state of a store, by its context address (None for a store never registered)
@@ -148,8 +193,11 @@ StateLookup = Callable[[int], "NnState | None"]
 class WitxAbi:
     """The host functions of `wasi_ephemeral_nn`, each `(state, call, *u32) -> errno`."""
 
-    def __init__(self, state_of: StateLookup) -> None:
+    def __init__(self, state_of: StateLookup, fast: FastPath | None = None) -> None:
+        """`fast`: serve repeated set_input / get_output calls in C (see wasinn._native);
+        each store's NnState must then carry the same FastPath and its store key."""
         self._state_of = state_of
+        self.fast = fast
 
     # --- graphs ---------------------------------------------------------------------------
 
@@ -224,7 +272,11 @@ class WitxAbi:
 
     def finalize_execution_context(self, state: NnState, call: _Call, ctx: int) -> int:
         context = state.context(ctx)
+        if state.fast is not None:
+            state.fast.drop_context(state.store_key, ctx)
+        state.forget_outputs(ctx)
         del state.contexts[ctx]
+        state.input_buffers.pop(ctx, None)
         context.close()
         return 0
 
@@ -253,19 +305,51 @@ class WitxAbi:
         if count * tensor_type.dtype.itemsize != data_len:
             raise InvalidArgument(f"tensor dims {list(dims)} of {tensor_type.name.lower()} need "
                                   f"{count * tensor_type.dtype.itemsize} bytes, data has {data_len}")
-        data = mem.copy_in(data_ptr, data_len, tensor_type.dtype)
+        if not getattr(context, "reuses_input_buffers", False):
+            context.set_input(index, Tensor(dims, tensor_type,
+                                            mem.copy_in(data_ptr, data_len, tensor_type.dtype)))
+            return 0
+        fast = state.fast
+        if fast is not None:  # the buffer may be replaced below
+            fast.drop_input(state.store_key, ctx, index)
+        data = state.input_buffer(ctx, index, data_len, tensor_type.dtype)
+        mem.copy_into(data, data_ptr, data_len)
         context.set_input(index, Tensor(dims, tensor_type, data))
+        if fast is not None and call.context == state.store_key:
+            # the same call again (dims, type code, length) may now copy straight into `data`
+            fast.put_input(state.store_key, ctx, index, dims, type_code, data_len,
+                           data.__array_interface__["data"][0])
         return 0
 
     def compute(self, state: NnState, call: _Call, ctx: int) -> int:
-        state.context(ctx).compute()
+        context = state.context(ctx)
+        if not state.output_pins:
+            context.compute()
+            return 0
+        # the pinned outputs stay alive (so C may still read them) until replaced or dropped
+        read_before = [index for c, index in state.output_pins if c == ctx]
+        try:
+            context.compute()
+        except BaseException:
+            state.forget_outputs(ctx)
+            raise
+        for index in read_before:  # a loop reads the same outputs again: C can answer them
+            try:
+                output = context.get_output(index)
+            except WasiNnError:
+                output = None  # the guest's own get_output will hear why
+            if not state.pin_output(ctx, index, output):
+                state.forget_output(ctx, index)
         return 0
 
     def get_output(self, state: NnState, call: _Call, ctx: int, index: int, out_ptr: int,
                    out_max: int, written_out: int) -> int:
         context = state.context(ctx)
-        return _write_output(call.memory(), context.get_output(index), out_ptr, out_max,
-                             written_out)
+        output = context.get_output(index)
+        errno = _write_output(call.memory(), output, out_ptr, out_max, written_out)
+        if call.context == state.store_key:
+            state.pin_output(ctx, index, output)
+        return errno
 
     def compute_single(self, state: NnState, call: _Call, ctx: int) -> int:
         state.context(ctx).compute_single()
@@ -300,7 +384,7 @@ class WitxAbi:
 
     def add_to_linker(self, linker: wasmtime.Linker) -> None:
         for name, arity in self.FUNCTIONS.items():
-            define_i32_func(linker, MODULE, name, arity, self._guarded(name))
+            define_i32_func(linker, MODULE, name, arity, self._guarded(name), self.fast)
 
     def _guarded(self, name: str) -> Callable[..., int]:
         """Wrap one host function: unsigned arguments in, an errno out, whatever happens."""

@@ -108,6 +108,10 @@ class OnnxGraph:
 
 
 class OnnxContext(NotStreaming):
+    #: the ABI may hand set_input the same host array again for the same index: a feed is
+    #: replaced by each set_input, and onnxruntime's outputs never alias its inputs
+    reuses_input_buffers = True
+
     def __init__(self, graph: OnnxGraph) -> None:
         self._graph = graph
         self._feeds: dict[str, np.ndarray] = {}
@@ -139,7 +143,7 @@ class OnnxContext(NotStreaming):
             missing = [n for n in graph.input_names if n not in self._feeds]
             raise InvalidArgument(f"compute before every input is set (missing: {', '.join(missing)})")
         try:
-            self._outputs = graph.session.run(graph.output_names, self._feeds)
+            self._outputs = graph.session.run(None, self._feeds)  # None: all, in order
         except Exception as e:
             raise BackendError(f"onnxruntime failed: {e}") from e
 

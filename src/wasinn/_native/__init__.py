@@ -1,0 +1,159 @@
+"""An optional native repeat path for set_input and get_output (see fastpath.c for why).
+
+fastpath.c is compiled for this machine with the `ziglang` wheel's `zig cc` on first use and
+kept in ~/.cache/wasinn/native, keyed by the source's hash. Without zig (or if the build
+fails) `FastPath.create()` answers None and the Python handlers serve every call alone.
+Set WASINN_NATIVE=0 to turn it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from wasmtime import _ffi as ffi
+
+from ..modcache import default_cache_dir
+
+log = logging.getLogger("wasinn")
+
+SOURCE = Path(__file__).with_name("fastpath.c")
+_c = ctypes.c_void_p
+_u32, _u64, _i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
+#: the signature of a wasmtime unchecked host function (and of fastpath.c's handlers)
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _c, _c, _c, ctypes.c_size_t)
+_KIND_INPUT, _KIND_OUTPUT = 1, 2
+#: the handlers fastpath.c serves, by witx name
+SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output"}
+
+
+def _library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    tag = f"{platform.system()}-{platform.machine()}".lower()
+    return Path(default_cache_dir()).parent / "native" / f"fastpath-{digest}-{tag}.so"
+
+
+def _build(target: Path) -> Path:
+    """Compile fastpath.c for this machine (atomically: concurrent builds are harmless)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [sys.executable, "-m", "ziglang", "cc", "-shared", "-fPIC", "-O2",
+               "-std=c11", "-o", str(out), str(SOURCE)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(out, target)
+    return target
+
+
+def _load_library() -> ctypes.CDLL | None:
+    if os.environ.get("WASINN_NATIVE", "1") == "0":
+        return None
+    if platform.system() != "Linux" or ctypes.sizeof(ffi.wasmtime_val_raw_t) != 16:
+        return None
+    path = _library_path()
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.debug("native fast path unavailable: %s %s", e, detail.decode(errors="replace"))
+        return None
+    lib.fp_new.restype = _c
+    lib.fp_new.argtypes = [_c, _c, _c, _c, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
+    lib.fp_release.argtypes = [_c]
+    lib.fp_func_env.restype = _c
+    lib.fp_func_env.argtypes = [_c, _c, _c, _c]
+    lib.fp_put_input.restype = ctypes.c_int
+    lib.fp_put_input.argtypes = [_c, _u64, _u32, _u32, _u32, ctypes.POINTER(_u32), _u32, _u32, _c]
+    lib.fp_put_output.restype = ctypes.c_int
+    lib.fp_put_output.argtypes = [_c, _u64, _u32, _u32, _u32, _c]
+    lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
+    lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
+    return lib
+
+
+def _address(name: str) -> int:
+    return ctypes.cast(getattr(ffi.dll, name), _c).value or 0
+
+
+class FastPath:
+    """One table of registrations, shared by the functions one WitxAbi defines."""
+
+    def __init__(self, lib: ctypes.CDLL, table: int) -> None:
+        self._lib = lib
+        self._table = table
+        # bound once: these run on every slow set_input / compute / get_output
+        self._put_input = lib.fp_put_input
+        self._put_output = lib.fp_put_output
+        self._drop = lib.fp_drop
+
+    @classmethod
+    def create(cls) -> FastPath | None:
+        lib = _load_library()
+        if lib is None:
+            return None
+        table = lib.fp_new(_address("wasmtime_caller_context"),
+                           _address("wasmtime_caller_export_get"),
+                           _address("wasmtime_memory_data"), _address("wasmtime_memory_data_size"),
+                           ctypes.sizeof(ffi.wasmtime_extern_t), ffi.wasmtime_extern_t.of.offset,
+                           ffi.WASMTIME_EXTERN_MEMORY.value)
+        return cls(lib, table) if table else None
+
+    def handler(self, name: str, slow: object, slow_env: int, slow_finalize: object
+                ) -> tuple[object, int, object] | None:
+        """(callback, env, finalizer) for defining `name` in C, its misses going to `slow`
+        (the Python trampoline, with `slow_env`; `slow_finalize(slow_env)` when the function
+        is dropped); None if C does not serve `name`."""
+        symbol = SERVED.get(name)
+        if symbol is None:
+            return None
+        env = self._lib.fp_func_env(self._table, ctypes.cast(slow, _c), slow_env,
+                                    ctypes.cast(slow_finalize, _c))
+        if not env:
+            return None
+        callback = ctypes.cast(getattr(self._lib, symbol), ffi.wasmtime_func_unchecked_callback_t)
+        finalizer = ctypes.cast(self._lib.fp_func_env_free, ctypes.CFUNCTYPE(None, _c))
+        return callback, env, finalizer
+
+    # --- what Python registers after a checked call, and drops before the memory goes -----
+
+    def put_input(self, store: int, ctx: int, index: int, dims: Sequence[int], type_code: int,
+                  nbytes: int, host: int) -> None:
+        self._put_input(self._table, store, ctx, index, len(dims), (_u32 * len(dims))(*dims),
+                        type_code, nbytes, host)
+
+    def put_output(self, store: int, ctx: int, index: int, nbytes: int, host: int) -> None:
+        self._put_output(self._table, store, ctx, index, nbytes, host)
+
+    def drop_input(self, store: int, ctx: int, index: int) -> None:
+        self._drop(self._table, store, ctx, _KIND_INPUT, index)
+
+    def drop_output(self, store: int, ctx: int, index: int) -> None:
+        self._drop(self._table, store, ctx, _KIND_OUTPUT, index)
+
+    def drop_context(self, store: int, ctx: int) -> None:
+        self._drop(self._table, store, ctx, 0, -1)
+
+    def drop_store(self, store: int) -> None:
+        self._drop(self._table, store, -1, 0, -1)
+
+    def stats(self) -> tuple[int, int, int]:
+        """(calls served in C, calls passed to Python, registrations held now)."""
+        hits, misses, entries = _u64(), _u64(), _u64()
+        self._lib.fp_stats(self._table, ctypes.byref(hits), ctypes.byref(misses),
+                           ctypes.byref(entries))
+        return hits.value, misses.value, entries.value
+
+    def __del__(self) -> None:
+        table, self._table = self._table, 0
+        if table:
+            self._lib.fp_release(table)

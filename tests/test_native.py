@@ -1,0 +1,188 @@
+"""The native repeat path (wasinn._native): a guest's repeated set_input / get_output served in
+C must answer exactly what the Python handlers answer, and fall back to them for anything new.
+
+Every call goes through the real exerciser guest; `stats()` tells which side served it.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import wasmtime
+
+from exerciser import CURRENT, Exerciser, add_inputs
+from wasinn._native import FastPath
+from wasinn.errors import Errno
+from wasinn.host import Host
+
+F32 = CURRENT["f32"]
+SUCCESS = Errno.SUCCESS
+
+pytestmark = pytest.mark.skipif(FastPath.create() is None,
+                                reason="the native fast path could not be built (no ziglang?)")
+
+
+@pytest.fixture(scope="module")
+def host(onnx_models):
+    h = Host(models=[f"{name}:onnx:cpu:{path}" for name, path in onnx_models.items()],
+             module_cache=False)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def module(host, guests):
+    return host.compile(guests["abi_exerciser"])
+
+
+@pytest.fixture
+def ex(host, module):
+    return Exerciser(host, module)
+
+
+def fast(host: Host) -> FastPath:
+    host.linker(wasi=False)  # the fast path starts with the first Linker
+    assert host._abi.fast is not None
+    return host._abi.fast
+
+
+def add_context(ex: Exerciser) -> int:
+    errno, graph = ex.load_by_name("add")
+    assert errno == SUCCESS, ex.last_error
+    errno, ctx = ex.init(graph)
+    assert errno == SUCCESS, ex.last_error
+    return ctx
+
+
+def add_round(ex: Exerciser, ctx: int, x: np.ndarray, y: np.ndarray, **kw) -> np.ndarray:
+    assert ex.set_input(ctx, 0, F32, x, **kw) == SUCCESS, ex.last_error
+    assert ex.set_input(ctx, 1, F32, y, **kw) == SUCCESS, ex.last_error
+    assert ex.raw("compute", ctx) == SUCCESS, ex.last_error
+    errno, data, written = ex.get_output(ctx, 0, x.nbytes)
+    assert errno == SUCCESS, ex.last_error
+    assert written == x.nbytes
+    return np.frombuffer(data, np.float32).reshape(x.shape)
+
+
+def test_a_loop_is_served_in_c_with_exact_values(host, ex):
+    ctx = add_context(ex)
+    x, y, z = add_inputs()
+    hits, misses, _ = fast(host).stats()
+    assert np.array_equal(add_round(ex, ctx, x, y), z)  # first round: Python, which registers
+    after_first = fast(host).stats()
+    assert after_first[1] - misses == 3  # set_input x2, get_output
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # new values, same shapes, new guest addresses every time
+        a, b = (rng.standard_normal((2, 3), dtype=np.float32) for _ in range(2))
+        assert np.array_equal(add_round(ex, ctx, a, b), a + b)
+    hits_now, misses_now, _ = fast(host).stats()
+    assert hits_now - after_first[0] == 20 * 3  # every later set_input and get_output in C
+    assert misses_now == after_first[1]
+
+
+def test_python_and_c_answer_the_same_bytes(onnx_models, guests):
+    x, y, z = add_inputs()
+    answers = []
+    for native in (False, True):
+        h = Host(models=[f"add:onnx:cpu:{onnx_models['add']}"], module_cache=False,
+                 native=native)
+        try:
+            e = Exerciser(h, h.compile(guests["abi_exerciser"]))
+            assert (h._abi.fast is not None) is native
+            ctx = add_context(e)
+            answers.append([add_round(e, ctx, x * k, y).tobytes() for k in range(1, 4)])
+        finally:
+            h.close()
+    assert answers[0] == answers[1] == [(x * k + y).tobytes() for k in range(1, 4)]
+
+
+def test_anything_new_goes_back_to_python(host, ex):
+    ctx = add_context(ex)
+    x, y, z = add_inputs()
+    add_round(ex, ctx, x, y)
+    # other dims than registered: Python answers, with its errno and message
+    assert ex.set_input(ctx, 0, F32, x.reshape(3, 2)) == Errno.INVALID_ARGUMENT
+    assert "dims" in ex.last_error
+    # the failed call dropped the registration; the next good round registers again
+    assert np.array_equal(add_round(ex, ctx, x, y), z)
+    # a data range outside memory: Python's invalid_argument, never a copy in C
+    assert ex.set_input(ctx, 0, F32, x, data_len=ex.mem_size) != SUCCESS
+    # an output buffer too small: too_large, with the size needed written
+    errno, _, written = ex.get_output(ctx, 0, z.nbytes - 1)
+    assert (errno, written) == (Errno.TOO_LARGE, z.nbytes)
+    # an unknown context never reaches a registration
+    assert ex.set_input(ctx + 100, 0, F32, x) == Errno.INVALID_ARGUMENT
+
+
+def test_input_is_copied_at_set_input_not_at_compute(host, ex):
+    """A guest that reuses its buffer after set_input must not change what compute sees."""
+    ctx = add_context(ex)
+    x, y, z = add_inputs()
+    add_round(ex, ctx, x, y)  # registered: the next set_input is served in C
+    tensor = ex.put_tensor(x.shape, F32, x.tobytes())
+    assert ex.raw("set_input", ctx, 0, tensor) == SUCCESS
+    data_ptr = int.from_bytes(ex.read(tensor + 12, 4), "little")
+    ex.write(data_ptr, np.full_like(x, 99.0).tobytes())  # after set_input: must not count
+    assert ex.set_input(ctx, 1, F32, y) == SUCCESS
+    assert ex.raw("compute", ctx) == SUCCESS
+    errno, data, _ = ex.get_output(ctx, 0, z.nbytes)
+    assert errno == SUCCESS and np.frombuffer(data, np.float32).tobytes() == z.tobytes()
+
+
+def test_registrations_go_with_their_context_and_store(host, module):
+    before = fast(host).stats()[2]
+    e = Exerciser(host, module)
+    ctx = add_context(e)
+    x, y, _ = add_inputs()
+    add_round(e, ctx, x, y)
+    assert fast(host).stats()[2] == before + 3
+    assert e.raw("finalize_execution_context", ctx) == SUCCESS
+    assert fast(host).stats()[2] == before
+    # the finalized handle is unknown again, in C as in Python
+    assert e.set_input(ctx, 0, F32, x) == Errno.INVALID_ARGUMENT
+    ctx = add_context(e)
+    add_round(e, ctx, x, y)
+    assert fast(host).stats()[2] == before + 3
+    del e  # the Store goes, and with it every registration it had
+    gc.collect()
+    assert fast(host).stats()[2] == before
+
+
+def test_stores_on_threads_do_not_mix(host, module):
+    """Each thread's guest sets its own values in a loop: never another's."""
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        e = Exerciser(host, module)
+        ctx = add_context(e)
+        x, y, _ = add_inputs()
+        for i in range(50):
+            got = add_round(e, ctx, x + k, y * i)
+            if not np.array_equal(got, (x + k) + (y * i)):
+                errors.append(f"thread {k} round {i}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_off_by_choice(onnx_models, monkeypatch):
+    host = Host(native=False)
+    host.linker(wasi=False)
+    assert host._abi.fast is None
+    monkeypatch.setenv("WASINN_NATIVE", "0")
+    assert FastPath.create() is None
+
+
+def test_unregistered_store_never_served(host, module):
+    """A Store not given to the host: C finds no registration, Python answers the errno."""
+    e = Exerciser(host, module, register=False)
+    errno = e.raw("set_input", 0, 0, e.put_tensor([2, 3], F32, bytes(24)))
+    assert errno == Errno.RUNTIME_ERROR  # "this Store was not given to Host.add_to_store"
+    assert isinstance(e.store, wasmtime.Store)
