@@ -159,6 +159,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="untimed rounds per side before timing (default 3)")
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime intra-op threads, both sides (default: its own)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="every wasi-nn call in Python (Host(native=False)), to compare")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: 5 rounds, 200 + 2 iters, 1 warm-up round")
     args = parser.parse_args(argv)
@@ -180,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     specs = [ModelSpec("tiny", GraphEncoding.ONNX, ExecutionTarget.CPU, (tiny,)),
              ModelSpec("classifier", GraphEncoding.ONNX, ExecutionTarget.CPU, (CLASSIFIER,))]
-    host = Host(models=specs, threads=args.threads, module_cache=False)
+    host = Host(models=specs, threads=args.threads, module_cache=False,
+                native=not args.no_native)
     try:
         module = host.compile(guest_wasm)
         plan = [("tiny", np.random.default_rng(0).standard_normal(TINY_SHAPE, dtype=np.float32),
@@ -192,12 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             result, call_s[name] = bench_model(host, module, name, array, iters, args.rounds,
                                                args.warmup)
             results.append(result)
+        native = host._abi.fast is not None
     finally:
         host.close()
 
     threads = "onnxruntime default" if args.threads is None else str(args.threads)
     header = (f"wasinn guest vs direct onnxruntime {ort.__version__} (CPU, threads: {threads}, "
-              f"{os.cpu_count()} CPUs): {args.rounds} rounds, {args.warmup} warm-up")
+              f"{os.cpu_count()} CPUs): {args.rounds} rounds, {args.warmup} warm-up\n"
+              f"glue: {'repeated set_input / get_output in C' if native else 'all Python'}")
     report(results, call_s, header)
     return 0
 
