@@ -8,7 +8,8 @@
  * One ChatML user turn, as guests/chat.c renders it. Environment: MODEL, the
  * host's name for the model (default smollm2, `wasinn serve`'s default chat
  * model); N_PREDICT, the most tokens to generate (default 128), which the
- * query's n_predict=N may lower. An empty body: 400; a prompt longer than
+ * query's n_predict=N may lower; TEMP and SEED, the sampling's (default: the
+ * backend's). An empty body: 400; a prompt longer than
  * the context: 413; a wasi-nn error: the guest exits 1 (the server's 500).
  */
 #define PROG "edge_chat"
@@ -34,6 +35,7 @@ static long long n_predict(void) {
 }
 
 int main(void) {
+    g_usage = "POST a prompt; environment MODEL, N_PREDICT, TEMP, SEED";
     buf_t prompt = {0};
     buf_reserve(&prompt, 0);
     char chunk[4096];
@@ -48,6 +50,14 @@ int main(void) {
     o.model = cgi_env("MODEL", "smollm2");
     o.n_predict = n_predict();
     o.given = OPT_N_PREDICT;
+    if (getenv("TEMP")) { /* the model's sampling, else the backend's defaults */
+        o.temp = parse_num("TEMP", getenv("TEMP"), 0.0, 1000.0);
+        o.given |= OPT_TEMP;
+    }
+    if (getenv("SEED")) {
+        o.seed = parse_int("SEED", getenv("SEED"), 0, UINT32_MAX);
+        o.given |= OPT_SEED;
+    }
     buf_t cfg = {0};
     build_config(&o, &cfg);
     graph_execution_context ctx = ggml_open(o.model, cfg.p);
