@@ -56,6 +56,8 @@ def server(host: Host, guests: dict[str, Path], example_assets: Path) -> Iterato
             yield running.url
     finally:
         pool.close()
+        for route in routes:
+            route.close()
 
 
 def top5_of(response: httpx.Response) -> list[tuple[int, str, float]]:
@@ -230,6 +232,7 @@ def test_saturated_pool_is_503(host: Host, guests: dict[str, Path]) -> None:
             assert httpx.get(f"{running.url}/one/echo").status_code == 200
     finally:
         pool.close()
+        route.close()
 
 
 # --- the runner without HTTP (as a bench drives it) ------------------------------------------
@@ -246,6 +249,7 @@ def test_runner_called_directly(host: Host, guests: dict[str, Path], example_ass
     expected = expected_top5(reference, example_assets)
     assert [row["class"] for row in got] == [c for c, _, _ in expected]
     assert set(response.timings) == {"setup", "instantiate", "run", "parse", "total"}
+    route.close()
 
 
 def test_parse_cgi() -> None:

@@ -455,7 +455,7 @@ def serve_main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE
-    pool = None
+    pool, routes = None, []
     try:
         for text in args.nn_preload:
             host.add_model(text)
@@ -474,6 +474,8 @@ def serve_main(args: argparse.Namespace) -> int:
     finally:
         if pool is not None:
             pool.close()
+            for route in routes:
+                route.close()
         host.close()
     return 0
 

@@ -161,12 +161,19 @@ class WagiRoute:
         self.module = host.compile(self.module_path)
         if not any(e.name == "_start" for e in self.module.exports):
             raise ValueError(f"{self.module_path}: not a WASI command (no _start export)")
+        self._held = _Held()
         self._linker = host.linker()
         # resolved now: a module importing what the host lacks fails at start-up, not per call
         self._pre = self._linker.instantiate_pre(self.module)
 
     def __repr__(self) -> str:
         return f"WagiRoute({self.route!r} -> {str(self.module_path)!r})"
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Wait (at most `timeout` s) until wasmtime has let go of the last requests' output
+        callbacks. It drops them on its own I/O threads a moment after a request ends; one
+        dropped while the interpreter exits aborts the process, so call this before exiting."""
+        self._held.wait(timeout)
 
     def matches(self, path: str) -> bool:
         return self.route == "/" or path == self.route or path.startswith(self.route + "/")
@@ -191,8 +198,8 @@ class WagiRoute:
         non-zero, runs past its deadline, writes no valid headers) is a 500, or a 504 past
         the deadline, whose body says why; nothing here raises for what a guest does."""
         start = time.perf_counter()
-        stdout = _Capture(self.max_output)
-        stderr = _Capture(_STDERR_KEPT, keep_tail=True)
+        stdout = _Capture(self._held, self.max_output)
+        stderr = _Capture(self._held, _STDERR_KEPT, keep_tail=True)
         host = self.host
         store = wasmtime.Store(host.engine)
         state = None
@@ -354,12 +361,31 @@ def _run_start(instance: wasmtime.Instance, store: wasmtime.Store) -> int:
     return 0
 
 
+class _Held:
+    """How many output callbacks wasmtime still holds (see WagiRoute.close)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def add(self, delta: int) -> None:
+        with self._changed:
+            self._count += delta
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
 class _Capture:
     """A guest's output stream, kept in memory up to `limit` bytes: past it, writes fail
     (the guest sees EIO) and `overflowed` says so; or, with `keep_tail`, only the last
-    `limit` bytes are kept."""
+    `limit` bytes are kept. Counted in `held` until wasmtime drops its callback."""
 
-    def __init__(self, limit: int, keep_tail: bool = False) -> None:
+    def __init__(self, held: _Held, limit: int, keep_tail: bool = False) -> None:
+        self._held = held
+        held.add(1)
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -380,6 +406,9 @@ class _Capture:
 
     def data(self) -> bytes:
         return b"".join(self._parts)
+
+    def __del__(self) -> None:  # wasmtime dropped the callback, and the request is over
+        self._held.add(-1)
 
 
 def _cause(text: str) -> str:
