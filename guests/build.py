@@ -18,7 +18,10 @@ HEADER = GUESTS_DIR / "wasi_nn.h"
 #: Guests built as WASI reactors (no main; exported functions + _initialize).
 REACTORS = frozenset({"abi_exerciser", "bench"})
 #: All guests, by stem.
-GUESTS = ("classify", "abi_exerciser", "bench", "probe", "chat", "stream", "embed")
+GUESTS = ("classify", "abi_exerciser", "bench", "probe", "chat", "stream", "embed",
+          "edge_classify", "edge_chat", "edge_test")
+#: Guests that need libm.
+WITH_LIBM = frozenset({"classify", "edge_classify"})
 
 #: Guest stack size. zig's default (16 MiB) makes every guest start with 257
 #: pages of memory; 1 MiB keeps the initial memory at ~17 pages so that host
@@ -44,7 +47,7 @@ def _compile_command(src: Path, out: Path) -> list[str]:
     if src.stem in REACTORS:
         cmd.append("-mexec-model=reactor")
     cmd += ["-I", str(GUESTS_DIR), "-o", str(out), str(src)]
-    if src.stem == "classify":
+    if src.stem in WITH_LIBM:
         cmd.append("-lm")
     return cmd
 
@@ -53,7 +56,7 @@ def _up_to_date(src: Path, out: Path) -> bool:
     if not out.exists():
         return False
     out_mtime = out.stat().st_mtime
-    deps = (src, HEADER, GUESTS_DIR / "ggml_common.h", Path(__file__).resolve())
+    deps = (src, *GUESTS_DIR.glob("*.h"), Path(__file__).resolve())
     return all(dep.stat().st_mtime < out_mtime for dep in deps)
 
 

@@ -26,37 +26,6 @@ static const char USAGE[] =
     "chat [--model NAME] [--n-predict N] [--temp T] [--seed S] "
     "[--ctx-size N] [--system TEXT] [--stream] [PROMPT...]";
 
-static const char END[] = "<|im_end|>";
-#define END_LEN (sizeof END - 1)
-
-static int is_ws(char c) {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
-
-/*
- * Length of the tail of s[0..n) that is, or may still become, a trailing
- * "<|im_end|>": the marker followed only by whitespace, or (unless
- * complete_only) a proper prefix of the marker at the very end.
- */
-static size_t end_tail(const char *s, size_t n, int complete_only) {
-    size_t e = n;
-    while (e > 0 && is_ws(s[e - 1]))
-        e--;
-    if (e >= END_LEN && memcmp(s + e - END_LEN, END, END_LEN) == 0)
-        return n - (e - END_LEN);
-    if (complete_only)
-        return 0;
-    for (size_t k = n < END_LEN - 1 ? n : END_LEN - 1; k > 0; k--)
-        if (memcmp(s + n - k, END, k) == 0)
-            return k;
-    return 0;
-}
-
-static void trim_end_marker(buf_t *reply) {
-    reply->len -= end_tail(reply->p, reply->len, 1);
-    reply->p[reply->len] = '\0';
-}
-
 /* compute + get_output(0); prints the reply (without newline). */
 static gen_t compute_reply(graph_execution_context ctx, buf_t *reply) {
     gen_t st = gen_status("compute", wasi_nn_compute(ctx));
@@ -100,9 +69,7 @@ static gen_t stream_reply(graph_execution_context ctx, buf_t *reply) {
 /* One user turn: extend the history, generate, print, record the reply. */
 static void chat_turn(graph_execution_context ctx, const opts_t *o,
                       buf_t *history, const char *user, size_t user_len) {
-    buf_puts(history, "<|im_start|>user\n");
-    buf_append(history, user, user_len);
-    buf_puts(history, "<|im_end|>\n<|im_start|>assistant\n");
+    chatml_user_turn(history, user, user_len);
     set_bytes(ctx, 0, history->p, history->len);
 
     buf_t reply = {0};

@@ -8,20 +8,17 @@
  * IMAGE.ppm must be a binary P6 224x224 PPM with maxval 255.
  * Prints the top-5 classes as "%d: %s (class %d, p=%.4f)".
  */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "image.h"
 #include "wasi_nn.h"
 
-#define W 224
-#define H 224
+#define W IMG_SIZE
+#define H IMG_SIZE
 #define NCLASSES 1000
 #define TOPK 5
-
-static const float MEAN[3] = {0.485f, 0.456f, 0.406f};
-static const float STD[3] = {0.229f, 0.224f, 0.225f};
 
 static void nn_check(const char *call, int32_t err) {
     if (err != 0) {
@@ -37,75 +34,11 @@ static unsigned char *read_file(const char *path, size_t *len_out) {
         fprintf(stderr, "classify: cannot open %s\n", path);
         return NULL;
     }
-    size_t cap = 1 << 16, len = 0;
-    unsigned char *buf = malloc(cap);
-    if (!buf) {
-        fclose(f);
-        fprintf(stderr, "classify: out of memory reading %s\n", path);
-        return NULL;
-    }
-    for (;;) {
-        if (len == cap) {
-            cap *= 2;
-            unsigned char *nb = realloc(buf, cap);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                fprintf(stderr, "classify: out of memory reading %s\n", path);
-                return NULL;
-            }
-            buf = nb;
-        }
-        size_t n = fread(buf + len, 1, cap - len, f);
-        len += n;
-        if (n == 0) {
-            if (ferror(f)) {
-                free(buf);
-                fclose(f);
-                fprintf(stderr, "classify: error reading %s\n", path);
-                return NULL;
-            }
-            break;
-        }
-    }
+    unsigned char *buf = read_all(f, len_out);
     fclose(f);
-    *len_out = len;
+    if (!buf)
+        fprintf(stderr, "classify: error reading %s\n", path);
     return buf;
-}
-
-static int is_space(unsigned char c) {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' ||
-           c == '\f';
-}
-
-/* Skip whitespace and '#' comments (to end of line). */
-static void skip_ws(const unsigned char *p, size_t len, size_t *pos) {
-    while (*pos < len) {
-        if (is_space(p[*pos])) {
-            (*pos)++;
-        } else if (p[*pos] == '#') {
-            while (*pos < len && p[*pos] != '\n' && p[*pos] != '\r')
-                (*pos)++;
-        } else {
-            break;
-        }
-    }
-}
-
-static int read_uint(const unsigned char *p, size_t len, size_t *pos,
-                     long *out) {
-    skip_ws(p, len, pos);
-    if (*pos >= len || p[*pos] < '0' || p[*pos] > '9')
-        return -1;
-    long v = 0;
-    while (*pos < len && p[*pos] >= '0' && p[*pos] <= '9') {
-        v = v * 10 + (p[*pos] - '0');
-        if (v > 1000000)
-            return -1;
-        (*pos)++;
-    }
-    *out = v;
-    return 0;
 }
 
 /* Parse PPM into a newly allocated NCHW float tensor [1,3,H,W]. */
@@ -114,54 +47,24 @@ static float *load_ppm(const char *path) {
     unsigned char *p = read_file(path, &len);
     if (!p)
         exit(2);
-    size_t pos = 0;
-    long w, h, maxval;
-    if (len < 2 || p[0] != 'P' || p[1] != '6') {
-        fprintf(stderr, "classify: %s: not a binary PPM (P6)\n", path);
+    ppm_t img;
+    const char *err = ppm_parse(p, len, &img);
+    if (err) {
+        fprintf(stderr, "classify: %s: %s\n", path, err);
         exit(2);
     }
-    pos = 2;
-    if (read_uint(p, len, &pos, &w) || read_uint(p, len, &pos, &h) ||
-        read_uint(p, len, &pos, &maxval)) {
-        fprintf(stderr, "classify: %s: malformed PPM header\n", path);
-        exit(2);
-    }
-    if (pos >= len || !is_space(p[pos])) {
-        fprintf(stderr, "classify: %s: malformed PPM header\n", path);
-        exit(2);
-    }
-    pos++; /* exactly one whitespace byte before the raster */
-    if (w != W || h != H) {
+    if (img.width != W || img.height != H) {
         fprintf(stderr,
-                "classify: %s: image is %ldx%ld, expected %dx%d\n", path, w,
-                h, W, H);
+                "classify: %s: image is %ldx%ld, expected %dx%d\n", path,
+                img.width, img.height, W, H);
         exit(2);
     }
-    if (maxval != 255) {
-        fprintf(stderr, "classify: %s: maxval %ld, expected 255\n", path,
-                maxval);
-        exit(2);
-    }
-    if (len - pos < (size_t)W * H * 3) {
-        fprintf(stderr, "classify: %s: truncated pixel data\n", path);
-        exit(2);
-    }
-    const unsigned char *px = p + pos;
     float *t = malloc(sizeof(float) * 3 * W * H);
     if (!t) {
         fprintf(stderr, "classify: out of memory\n");
         exit(2);
     }
-    for (int y = 0; y < H; y++) {
-        for (int x = 0; x < W; x++) {
-            const unsigned char *rgb = px + ((size_t)y * W + x) * 3;
-            for (int c = 0; c < 3; c++) {
-                float v = (float)rgb[c] / 255.0f;
-                t[(size_t)c * W * H + (size_t)y * W + x] =
-                    (v - MEAN[c]) / STD[c];
-            }
-        }
-    }
+    image_normalize(img.rgb, t);
     free(p);
     return t;
 }
@@ -173,40 +76,15 @@ static char **load_labels(const char *path, size_t *count) {
     if (!buf)
         exit(2);
     char *text = realloc(buf, len + 1);
-    if (!text) {
-        fprintf(stderr, "classify: out of memory\n");
-        exit(2);
+    char **lines = NULL;
+    if (text) {
+        text[len] = '\0';
+        lines = split_lines(text, len, count);
     }
-    text[len] = '\0';
-    size_t n = 0, cap = 1024;
-    char **lines = malloc(sizeof(char *) * cap);
     if (!lines) {
         fprintf(stderr, "classify: out of memory\n");
         exit(2);
     }
-    char *s = text;
-    while (s < text + len) {
-        char *nl = memchr(s, '\n', (size_t)(text + len - s));
-        char *end = nl ? nl : text + len;
-        char *e = end;
-        while (e > s && (e[-1] == '\r' || e[-1] == '\n'))
-            e--;
-        *e = '\0';
-        if (n == cap) {
-            cap *= 2;
-            char **nl2 = realloc(lines, sizeof(char *) * cap);
-            if (!nl2) {
-                fprintf(stderr, "classify: out of memory\n");
-                exit(2);
-            }
-            lines = nl2;
-        }
-        lines[n++] = s;
-        if (!nl)
-            break;
-        s = nl + 1;
-    }
-    *count = n;
     return lines;
 }
 
@@ -269,35 +147,13 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    /* numerically stable softmax in double precision */
     static double prob[NCLASSES];
-    double mx = out[0];
-    for (size_t i = 1; i < n; i++)
-        if (out[i] > mx)
-            mx = out[i];
-    double sum = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        prob[i] = exp((double)out[i] - mx);
-        sum += prob[i];
-    }
-    for (size_t i = 0; i < n; i++)
-        prob[i] /= sum;
-
-    /* top-k by repeated selection (ties: lowest index first) */
-    static unsigned char used[NCLASSES];
-    size_t k = n < TOPK ? n : TOPK;
+    size_t best[TOPK];
+    size_t k = top_k(out, n, TOPK, prob, best);
     for (size_t r = 0; r < k; r++) {
-        size_t best = (size_t)-1;
-        for (size_t i = 0; i < n; i++) {
-            if (used[i])
-                continue;
-            if (best == (size_t)-1 || prob[i] > prob[best])
-                best = i;
-        }
-        used[best] = 1;
-        const char *label = best < nlabels ? labels[best] : "?";
-        printf("%d: %s (class %d, p=%.4f)\n", (int)(r + 1), label, (int)best,
-               prob[best]);
+        const char *label = best[r] < nlabels ? labels[best[r]] : "?";
+        printf("%d: %s (class %d, p=%.4f)\n", (int)(r + 1), label,
+               (int)best[r], prob[best[r]]);
     }
 
     /* No finalize_execution_context: it is WasmEdge-only, and leaving it out

@@ -406,4 +406,45 @@ HELPER gen_t gen_status(const char *call, int32_t err) {
     }
 }
 
+/* ---- ChatML replies ----------------------------------------------------- */
+
+/* The end-of-turn marker a ChatML model may emit literally. */
+static const char END[] __attribute__((unused)) = "<|im_end|>";
+#define END_LEN (sizeof END - 1)
+
+HELPER int is_ws(char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/*
+ * Length of the tail of s[0..n) that is, or may still become, a trailing
+ * "<|im_end|>": the marker followed only by whitespace, or (unless
+ * complete_only) a proper prefix of the marker at the very end.
+ */
+HELPER size_t end_tail(const char *s, size_t n, int complete_only) {
+    size_t e = n;
+    while (e > 0 && is_ws(s[e - 1]))
+        e--;
+    if (e >= END_LEN && memcmp(s + e - END_LEN, END, END_LEN) == 0)
+        return n - (e - END_LEN);
+    if (complete_only)
+        return 0;
+    for (size_t k = n < END_LEN - 1 ? n : END_LEN - 1; k > 0; k--)
+        if (memcmp(s + n - k, END, k) == 0)
+            return k;
+    return 0;
+}
+
+HELPER void trim_end_marker(buf_t *reply) {
+    reply->len -= end_tail(reply->p, reply->len, 1);
+    reply->p[reply->len] = '\0';
+}
+
+/* Append a user turn and the assistant's opening to a ChatML history. */
+HELPER void chatml_user_turn(buf_t *history, const char *user, size_t len) {
+    buf_puts(history, "<|im_start|>user\n");
+    buf_append(history, user, len);
+    buf_puts(history, "<|im_end|>\n<|im_start|>assistant\n");
+}
+
 #endif /* GGML_COMMON_H */

@@ -98,6 +98,8 @@ UPSTREAM_TIMEOUT = 60.0
 #: the server embeds, then searches: onnxruntime's workers must not spin past a run
 SERVER_BACKENDS = {GraphEncoding.ONNX: {"spin_after_run": False}}
 UPSTREAM_KEY_ENV = "WASINN_UPSTREAM_API_KEY"
+ROUTE_TIMEOUT = 30.0
+ROUTE_WORKERS = 4
 
 _DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -180,6 +182,24 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--upstream-key", metavar="KEY",
                        help=f"the upstream's API key for clients that send no Authorization "
                             f"(theirs goes through as it is); better: ${UPSTREAM_KEY_ENV}")
+    serve.add_argument("--route", action="append", default=[], metavar="/PATH=MODULE.wasm",
+                       help="serve a WASI command at /PATH (and the paths under it), WAGI-style: "
+                            "each request runs a fresh instance, the body on stdin, the request "
+                            "in CGI variables, CGI headers and the body on stdout")
+    serve.add_argument("--route-timeout", type=float, metavar="SECONDS",
+                       help=f"a route's guest is stopped after this, a 504 (default "
+                            f"{ROUTE_TIMEOUT:g})")
+    serve.add_argument("--route-max-memory", metavar="SIZE",
+                       help="cap on each route request's guest linear memory, e.g. 256M")
+    serve.add_argument("--route-workers", type=int, metavar="N",
+                       help=f"route requests running at once (default {ROUTE_WORKERS})")
+    serve.add_argument("--route-queue", type=int, metavar="N",
+                       help="route requests waiting for a worker; more are a 503 (default: "
+                            "as many as the workers)")
+    serve.add_argument("--route-env", action="append", default=[], metavar="K=V",
+                       help="set an environment variable in every route's guest")
+    serve.add_argument("--route-dir", action="append", default=[], metavar="HOST[:GUEST]",
+                       help="preopen a host directory for every route's guest")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
 
 
@@ -224,6 +244,11 @@ def _relative(key: str, value: str, base: Path) -> str:
         name, enc, target, *paths = value.split(":")
         paths = [str(base / p) for p in paths]
         return ":".join([name, enc, target, *paths])
+    if key == "route":  # /PATH=MODULE.wasm
+        path, sep, module = value.partition("=")
+        return f"{path}={base / Path(module).expanduser()}" if sep else value
+    if key == "route-env":
+        return value
     if key == "nn-graph":
         encoding, sep, directory = value.partition("::")
         return f"{encoding}{sep}{base / directory}" if sep else value
@@ -237,7 +262,10 @@ _SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
     "parallel": int, "cache": str, "no-cache": bool, "threshold": (float, int),
     "verifier": str, "verify-threshold": (float, int),
     "cache-ttl": (str, int, float), "cache-max-entries": int, "upstream": str,
-    "upstream-timeout": (float, int), "upstream-key": str}
+    "upstream-timeout": (float, int), "upstream-key": str,
+    "route-timeout": (float, int), "route-max-memory": (str, int), "route-workers": int,
+    "route-queue": int}
+_SERVE_LISTS = ("nn-preload", "route", "route-env", "route-dir")
 
 
 def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
@@ -247,14 +275,16 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
             data: dict[str, Any] = tomllib.loads(args.config.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"config {args.config}: {e}") from None
-        unknown = sorted(set(data) - set(_SERVE_VALUES) - {"nn-preload", "verbose"})
+        unknown = sorted(set(data) - set(_SERVE_VALUES) - set(_SERVE_LISTS) - {"verbose"})
         if unknown:
             raise ConfigError(f"config {args.config}: unknown key(s) {', '.join(unknown)}")
-        preload = data.get("nn-preload", [])
-        if not isinstance(preload, list) or not all(isinstance(v, str) for v in preload):
-            raise ConfigError(f"config {args.config}: nn-preload must be a list of strings")
         base = args.config.parent
-        args.nn_preload = [_relative("nn-preload", v, base) for v in preload] + args.nn_preload
+        for key in _SERVE_LISTS:
+            values = data.get(key, [])
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ConfigError(f"config {args.config}: {key} must be a list of strings")
+            attr = key.replace("-", "_")
+            setattr(args, attr, [_relative(key, v, base) for v in values] + getattr(args, attr))
         for key, kind in _SERVE_VALUES.items():
             attr = key.replace("-", "_")
             if getattr(args, attr) is None and key in data:
@@ -309,7 +339,42 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
                               else args.cache_max_entries)
     if args.cache_max_entries < 1:
         raise ConfigError("--cache-max-entries must be at least 1")
+    args.route_timeout = (ROUTE_TIMEOUT if args.route_timeout is None
+                          else float(args.route_timeout))
+    if not args.route_timeout > 0:
+        raise ConfigError(f"--route-timeout must be positive, got {args.route_timeout}")
+    args.route_workers = ROUTE_WORKERS if args.route_workers is None else args.route_workers
+    if args.route_workers < 1:
+        raise ConfigError("--route-workers must be at least 1")
+    if args.route_queue is not None and args.route_queue < 0:
+        raise ConfigError("--route-queue cannot be negative")
     return args
+
+
+def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
+    """The --route guests (compiled and linked now: a bad module fails at start-up) and the
+    pool of workers they share (None without routes)."""
+    if not args.route:
+        return [], None
+    from .server import WagiPool, WagiRoute
+    from .server._wagi import parse_route
+
+    max_memory = None if args.route_max_memory is None else parse_size(args.route_max_memory)
+    env = _env(args.route_env)
+    dirs = [Preopen.parse(d) for d in args.route_dir]
+    pool = WagiPool(args.route_workers, args.route_queue)
+    try:
+        routes = []
+        for text in args.route:
+            path, module = parse_route(text)
+            if not module.is_file():
+                raise ConfigError(f"--route {text}: no such module {module}")
+            routes.append(WagiRoute(host, module, route=path, timeout=args.route_timeout,
+                                    max_memory=max_memory, env=env, dirs=dirs, pool=pool))
+    except BaseException:
+        pool.close()
+        raise
+    return routes, pool
 
 
 def cache_config(args: argparse.Namespace) -> Any:
@@ -390,21 +455,27 @@ def serve_main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE
+    pool, routes = None, []
     try:
         for text in args.nn_preload:
             host.add_model(text)
         host.registry.preload_all()  # a bad model fails now, not on the first request
+        routes, pool = edge_routes(args, host)
         serve(host, bind=args.host, port=args.port, chat_model=args.chat_model,
               embedding_model=args.embedding_model, parallel=args.parallel, cache=cache,
               embedding_tokenizer=(None if args.embedding_tokenizer is None
                                    else Path(args.embedding_tokenizer)),
-              upstream=upstream, access_log=args.verbose)
-    except (WasiNnError, ValueError, OSError) as e:  # ConfigError is a ValueError
-        print(f"wasinn: {e}", file=sys.stderr)
+              upstream=upstream, access_log=args.verbose, routes=routes)
+    except (WasiNnError, ValueError, OSError, wasmtime.WasmtimeError) as e:
+        print(f"wasinn: {e}", file=sys.stderr)  # ConfigError is a ValueError
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C while the models load (uvicorn handles its own)
         return EXIT_INTERRUPTED
     finally:
+        if pool is not None:
+            pool.close()
+            for route in routes:
+                route.close()
         host.close()
     return 0
 

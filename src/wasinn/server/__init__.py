@@ -10,7 +10,8 @@ The routes speak OpenAI's API; what answers them is a `Completer` (text) and an 
 from GGUF models or ONNX sentence-embedding models (`OnnxEmbedder`, e.g. all-MiniLM-L6-v2);
 another Completer can stand in front of them (a cache) or instead of them, through
 `create_app(completer=...)`; `create_app(upstream=UpstreamConfig(url))` sends the other
-models' requests to an upstream API.
+models' requests to an upstream API. `create_app(routes=[WagiRoute(host, "app.wasm",
+route="/app")])` serves guests as HTTP handlers, WAGI-style (a fresh instance per request).
 """
 
 from ._api import (ApiError, Caller, Completer, Completion, Embedder, Embeddings,
@@ -21,8 +22,10 @@ from ._metrics import Metrics, ServerMetrics
 from ._sentence import EmbedderRouter, OnnxEmbedder
 from ._template import ChatTemplate
 from ._upstream import UpstreamCompleter, UpstreamConfig
+from ._wagi import WagiPool, WagiRequest, WagiResponse, WagiRoute
 
 __all__ = ["ApiError", "Caller", "ChatTemplate", "Completer", "Completion", "Embedder",
            "EmbedderRouter", "Embeddings", "GenerationRequest", "LocalCompleter",
            "LocalEmbedder", "Message", "Metrics", "OnnxEmbedder", "Sampling", "ServerMetrics",
-           "TextStream", "UpstreamCompleter", "UpstreamConfig", "create_app", "serve"]
+           "TextStream", "UpstreamCompleter", "UpstreamConfig", "WagiPool", "WagiRequest",
+           "WagiResponse", "WagiRoute", "create_app", "serve"]

@@ -26,6 +26,7 @@ from ._local import LocalCompleter, LocalEmbedder
 from ._metrics import CONTENT_TYPE, ServerMetrics
 from ._sentence import EmbedderRouter, OnnxEmbedder
 from ._upstream import LocalOrUpstream, UpstreamCompleter, UpstreamConfig
+from ._wagi import WagiRoute, mount
 
 if TYPE_CHECKING:
     from ..cache import CacheConfig
@@ -139,7 +140,8 @@ def create_app(host: Host, *, chat_model: str | None = None,
                metrics: ServerMetrics | None = None,
                cache: CacheConfig | None = None,
                embedding_tokenizer: Path | None = None,
-               upstream: UpstreamConfig | None = None) -> FastAPI:
+               upstream: UpstreamConfig | None = None,
+               routes: Sequence[WagiRoute] = ()) -> FastAPI:
     """An OpenAI-compatible app over `host`'s models.
 
     `chat_model` / `embedding_model` answer requests that name a model the server does not
@@ -152,7 +154,11 @@ def create_app(host: Host, *, chat_model: str | None = None,
     BERT uncased vocabulary wasinn ships, all-MiniLM-L6-v2's).
     `upstream` sends chat and completion requests for any model but the local ones to an
     OpenAI-compatible API (so there is no `chat_model` to fall back on).
+    `routes` serve guests as HTTP handlers, WAGI-style (each at its path and those under it).
     """
+    for route in routes:
+        if route.route in ROUTES or route.route in ("/", "/v1") or route.route.startswith("/v1/"):
+            raise ValueError(f"--route {route.route}: the OpenAI API's paths are taken")
     if upstream is not None and chat_model is not None:
         raise ValueError(f"--chat-model {chat_model!r} and --upstream: with an upstream, a "
                          f"model this server does not offer is the upstream's to answer")
@@ -332,6 +338,9 @@ def create_app(host: Host, *, chat_model: str | None = None,
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    for route in routes:
+        mount(app, route)
 
     return app
 

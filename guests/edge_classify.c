@@ -1,0 +1,108 @@
+/*
+ * edge_classify -- the ImageNet classifier as an HTTP handler (`wasinn serve
+ * --route /classify=edge_classify.wasm`).
+ *
+ *   POST a binary PPM (P6, 8-bit) -> application/json:
+ *   {"model":"efficientnet-lite0","width":451,"height":300,
+ *    "top5":[{"class":285,"label":"Egyptian cat","p":0.61},...]}
+ *
+ * The image is resized as the classifier was trained to see it (short side
+ * 256, centre crop 224; a 224x224 image is taken as it is) and normalized as
+ * guests/classify.c does. Environment: MODEL, the host's name for the model
+ * (default efficientnet-lite0); LABELS, a file of class names, one a line
+ * (default /data/imagenet_labels.txt; without it "label" is null).
+ * A body that is not such an image: 400 with the reason.
+ */
+#include <stdint.h>
+
+#include "cgi.h"
+#include "image.h"
+#include "wasi_nn.h"
+
+#define NCLASSES 1000
+#define TOPK 5
+
+static void nn_check(const char *call, int32_t err) {
+    if (err != 0)
+        cgi_fail("500 Internal Server Error", "%s failed: errno %d", call,
+                 (int)err);
+}
+
+/* The labels file's lines, or NULL (labels are optional). */
+static char **load_labels(const char *path, size_t *count) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t len;
+    unsigned char *buf = read_all(f, &len);
+    fclose(f);
+    char *text = buf ? realloc(buf, len + 1) : NULL;
+    if (!text)
+        return NULL;
+    text[len] = '\0';
+    return split_lines(text, len, count);
+}
+
+int main(void) {
+    const char *model = cgi_env("MODEL", "efficientnet-lite0");
+    size_t len;
+    unsigned char *body = read_all(stdin, &len);
+    if (!body)
+        cgi_fail("500 Internal Server Error", "cannot read the request body");
+    ppm_t img;
+    const char *err = ppm_parse(body, len, &img);
+    if (err)
+        cgi_fail("400 Bad Request", "the body is not a usable image: %s "
+                 "(send a binary PPM, P6 with maxval 255)", err);
+    static unsigned char rgb[IMG_SIZE * IMG_SIZE * 3];
+    err = image_crop(&img, rgb);
+    if (err)
+        cgi_fail("400 Bad Request", "%s", err);
+    static float input[3 * IMG_SIZE * IMG_SIZE];
+    image_normalize(rgb, input);
+    free(body);
+
+    graph g = 0;
+    nn_check("load_by_name",
+             wasi_nn_load_by_name(model, (uint32_t)strlen(model), &g));
+    graph_execution_context ctx = 0;
+    nn_check("init_execution_context",
+             wasi_nn_init_execution_context(g, &ctx));
+    static const uint32_t dims[4] = {1, 3, IMG_SIZE, IMG_SIZE};
+    tensor t = {
+        .dims = dims,
+        .dims_len = 4,
+        .type = TENSOR_TYPE_F32,
+        .data = (const uint8_t *)input,
+        .data_len = (uint32_t)sizeof input,
+    };
+    nn_check("set_input", wasi_nn_set_input(ctx, 0, &t));
+    nn_check("compute", wasi_nn_compute(ctx));
+    static float out[NCLASSES];
+    uint32_t written = 0;
+    nn_check("get_output", wasi_nn_get_output(ctx, 0, (uint8_t *)out,
+                                              sizeof out, &written));
+    size_t n = written / sizeof(float);
+    if (n == 0)
+        cgi_fail("500 Internal Server Error", "the model gave no scores");
+
+    size_t nlabels = 0;
+    char **labels = load_labels(cgi_env("LABELS", "/data/imagenet_labels.txt"),
+                                &nlabels);
+    static double prob[NCLASSES];
+    size_t best[TOPK];
+    size_t k = top_k(out, n, TOPK, prob, best);
+    printf("Content-Type: application/json\n\n{\"model\":");
+    json_string(stdout, model);
+    printf(",\"width\":%ld,\"height\":%ld,\"top5\":[", img.width, img.height);
+    for (size_t r = 0; r < k; r++) {
+        printf("%s{\"class\":%d,\"label\":", r ? "," : "", (int)best[r]);
+        if (labels && best[r] < nlabels)
+            json_string(stdout, labels[best[r]]);
+        else
+            fputs("null", stdout);
+        printf(",\"p\":%.9g}", prob[best[r]]);
+    }
+    printf("]}\n");
+    return 0;
+}

@@ -1,0 +1,473 @@
+"""Guests as HTTP handlers, WAGI-style: each request runs a fresh instance of a WASI command,
+the body on its stdin, the request in CGI variables, and CGI headers + body on its stdout.
+
+    route = WagiRoute(host, "edge_classify.wasm", route="/classify", timeout=10)
+    response = route.handle(WagiRequest(method="POST", path="/classify", body=ppm))
+
+`handle` runs in the calling thread (a bench calls it directly); the server goes through
+`respond`, which runs it on a bounded `WagiPool` and answers 503 when the pool is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import wasmtime
+
+from .. import __version__
+from ..abi._raw import store_key
+from ..host import Host, Preopen
+
+log = logging.getLogger("wasinn.server")
+
+#: what a route's guest may run for, and write, unless told otherwise
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_OUTPUT = 64 << 20
+DEFAULT_WORKERS = 4
+#: stdin is a file (WASI reads it from one): in memory where Linux offers it
+_STDIN_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+    else None
+_STDERR_KEPT = 4096  # of the guest's stderr, for the log and the 500's reason
+_HEADER = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WagiRequest:
+    """One HTTP request, as a route's guest sees it. `path` is the URL's path (decoded),
+    `raw_path` the same undecoded (default: `path`); `headers` keep their order and repeats."""
+
+    method: str = "GET"
+    path: str = "/"
+    query: str = ""
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+    server_name: str = "localhost"
+    server_port: int = 80
+    remote_addr: str = "127.0.0.1"
+    protocol: str = "HTTP/1.1"
+    raw_path: str | None = None
+
+
+@dataclass
+class WagiResponse:
+    """A guest's answer (or the host's, when the guest failed: then `error` says why).
+    `timings` are seconds per step of the request: setup (Store, WASI, stdin), instantiate,
+    run (`_start`), and parse."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def failure(cls, status: int, reason: str, **timings: float) -> WagiResponse:
+        return cls(status, [("Content-Type", "text/plain; charset=utf-8")],
+                   f"{reason}\n".encode(), error=reason, timings=dict(timings))
+
+
+class WagiPool:
+    """Threads that run guests, `workers` at once, with at most `queue` more waiting; past
+    that, `submit` refuses (the server's 503) rather than queue without bound. wasmtime
+    releases the GIL while guest code runs, so the workers run in parallel."""
+
+    def __init__(self, workers: int = DEFAULT_WORKERS, queue: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"a route pool needs at least 1 worker, got {workers}")
+        queue = workers if queue is None else queue
+        if queue < 0:
+            raise ValueError(f"a route pool's queue cannot be negative, got {queue}")
+        self.workers = workers
+        self.queue = queue
+        self._executor = ThreadPoolExecutor(max_workers=workers,
+                                            thread_name_prefix="wasinn-route")
+        self._slots = threading.BoundedSemaphore(workers + queue)
+        self._lock = threading.Lock()
+        self._admitted = 0
+
+    @property
+    def admitted(self) -> int:
+        """Requests running or waiting now."""
+        return self._admitted
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T] | None:
+        """Run fn(*args) on a worker; None when every worker is busy and the queue full."""
+        if not self._slots.acquire(blocking=False):
+            return None
+        with self._lock:
+            self._admitted += 1
+        try:
+            future = self._executor.submit(fn, *args)
+        except BaseException:
+            self._release()
+            raise
+        future.add_done_callback(lambda _: self._release())
+        return future
+
+    def _release(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+        self._slots.release()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class WagiRoute:
+    """A WASI command module served at `route` (and the paths under it), WAGI-style.
+
+    The module is compiled once (through the host's module cache) and, with `reuse_linking`,
+    its imports are resolved once (an InstancePre); every request gets a new Store with its
+    own wasi-nn state and WASI (argv, env, stdin, stdout), and a new instance. The host's
+    named models are shared by all. `timeout` (seconds of guest time; None: none) and
+    `max_memory` (bytes of linear memory; None: the host's) limit each request; `env` and
+    `dirs` (preopened directories) are given to every instance. The guest may write at most
+    `max_output` bytes. Turn `reuse_linking` off to link every request anew (to measure it).
+    """
+
+    def __init__(self, host: Host, module: str | os.PathLike[str], *, route: str = "/",
+                 timeout: float | None = DEFAULT_TIMEOUT, max_memory: int | None = None,
+                 env: Mapping[str, str] | None = None, dirs: Iterable[Preopen | str] = (),
+                 reuse_linking: bool = True, max_output: int = DEFAULT_MAX_OUTPUT,
+                 pool: WagiPool | None = None) -> None:
+        if not route.startswith("/"):
+            raise ValueError(f"route {route!r}: a route is a path, starting with /")
+        self.host = host
+        self.module_path = Path(module)
+        self.route = route.rstrip("/") or "/"
+        self.timeout = timeout
+        self.max_memory = host.max_memory if max_memory is None else max_memory
+        self.env = dict(env or {})
+        self.dirs = [Preopen.parse(d) if isinstance(d, str) else d for d in dirs]
+        for preopen in self.dirs:
+            if not preopen.host.is_dir():
+                raise ValueError(f"route {self.route}: {preopen.host} is not a directory")
+        self.reuse_linking = reuse_linking
+        self.max_output = max_output
+        self.pool = pool
+        self.module = host.compile(self.module_path)
+        if not any(e.name == "_start" for e in self.module.exports):
+            raise ValueError(f"{self.module_path}: not a WASI command (no _start export)")
+        self._held = _Held()
+        self._linker = host.linker()
+        # resolved now: a module importing what the host lacks fails at start-up, not per call
+        self._pre = self._linker.instantiate_pre(self.module)
+
+    def __repr__(self) -> str:
+        return f"WagiRoute({self.route!r} -> {str(self.module_path)!r})"
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Wait (at most `timeout` s) until wasmtime has let go of the last requests' output
+        callbacks. It drops them on its own I/O threads a moment after a request ends; one
+        dropped while the interpreter exits aborts the process, so call this before exiting."""
+        self._held.wait(timeout)
+
+    def matches(self, path: str) -> bool:
+        return self.route == "/" or path == self.route or path.startswith(self.route + "/")
+
+    # --- one request ------------------------------------------------------------------------
+
+    async def respond(self, request: WagiRequest) -> WagiResponse:
+        """`handle` on the route's pool (503 when it is full), or on a thread of its own."""
+        if self.pool is None:
+            return await asyncio.to_thread(self.handle, request)
+        future = self.pool.submit(self.handle, request)
+        if future is None:
+            response = WagiResponse.failure(
+                503, f"{self.route}: all {self.pool.workers} workers are busy and "
+                     f"{self.pool.queue} requests wait; try again")
+            response.headers.append(("Retry-After", "1"))
+            return response
+        return await asyncio.wrap_future(future)
+
+    def handle(self, request: WagiRequest) -> WagiResponse:
+        """Run a fresh instance on `request`, in this thread. A guest that fails (traps, exits
+        non-zero, runs past its deadline, writes no valid headers) is a 500, or a 504 past
+        the deadline, whose body says why; nothing here raises for what a guest does."""
+        start = time.perf_counter()
+        stdout = _Capture(self._held, self.max_output)
+        stderr = _Capture(self._held, _STDERR_KEPT, keep_tail=True)
+        host = self.host
+        store = wasmtime.Store(host.engine)
+        state = None
+        try:
+            stdin = self._stdin(request.body)
+            try:
+                store.set_wasi(self._wasi(request, stdin, stdout, stderr))
+            finally:
+                os.unlink(stdin)  # WASI opened it already: the name can go
+            state = host.add_to_store(store)
+            if self.max_memory is not None:
+                store.set_limits(memory_size=self.max_memory)
+            setup = time.perf_counter()
+            with host._ticker.deadline(store, self.timeout):
+                instance = (self._pre.instantiate(store) if self.reuse_linking
+                            else self._linker.instantiate(store, self.module))
+                ready = time.perf_counter()
+                code = _run_start(instance, store)
+            ran = time.perf_counter()
+        except wasmtime.Trap as e:
+            timings = {"total": time.perf_counter() - start}
+            if e.trap_code == wasmtime.TrapCode.INTERRUPT:
+                return self._failed(504, f"the guest ran past its {self.timeout:g} s deadline",
+                                    stderr, timings)
+            return self._failed(500, f"the guest trapped: {_cause(str(e))}", stderr,
+                                timings)
+        except wasmtime.WasmtimeError as e:  # e.g. instantiation over the memory limit
+            return self._failed(500, f"the guest could not start: {_cause(str(e))}",
+                                stderr, {"total": time.perf_counter() - start})
+        finally:
+            if state is not None:
+                host._forget(store_key(store), state)
+        timings = {"setup": setup - start, "instantiate": ready - setup, "run": ran - ready}
+        if stdout.overflowed:
+            return self._failed(500, f"the guest wrote more than {self.max_output} bytes",
+                                stderr, timings)
+        if code != 0:
+            return self._failed(500, f"the guest exited with status {code}", stderr, timings)
+        try:
+            response = parse_cgi(stdout.data())
+        except ValueError as e:
+            return self._failed(500, f"the guest's output is not a CGI response: {e}", stderr,
+                                timings)
+        timings["parse"] = time.perf_counter() - ran
+        timings["total"] = time.perf_counter() - start
+        response.timings = timings
+        return response
+
+    def _failed(self, status: int, reason: str, stderr: _Capture,
+                timings: dict[str, float]) -> WagiResponse:
+        said = _last_line(stderr.data())
+        log.warning("%s: %s%s", self.route, reason, f" (stderr: {said})" if said else "")
+        if said:
+            reason = f"{reason}; its last words: {said[:200]}"
+        response = WagiResponse.failure(status, reason)
+        response.timings = timings
+        return response
+
+    def _stdin(self, body: bytes) -> str:
+        fd, name = tempfile.mkstemp(prefix="wasinn-stdin-", dir=_STDIN_DIR)
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return name
+
+    def _wasi(self, request: WagiRequest, stdin: str, stdout: _Capture,
+              stderr: _Capture) -> wasmtime.WasiConfig:
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [self.module_path.name]
+        wasi.env = list({**self.env, **self.cgi_env(request)}.items())
+        wasi.stdin_file = stdin
+        wasi.stdout_custom = stdout.write
+        wasi.stderr_custom = stderr.write
+        for preopen in self.dirs:
+            wasi.preopen_dir(str(preopen.host), preopen.guest)
+        return wasi
+
+    def cgi_env(self, request: WagiRequest) -> dict[str, str]:
+        """The CGI/1.1 variables of `request` (WAGI's set): the route is SCRIPT_NAME, the
+        rest of the path PATH_INFO, each header HTTP_NAME (dashes as underscores)."""
+        script = "" if self.route == "/" else self.route
+        path_info = request.path[len(script):]
+        raw = request.raw_path if request.raw_path is not None else request.path
+        raw_info = raw[len(script):] if raw.startswith(script) else path_info
+        headers = {k.lower(): v for k, v in request.headers}
+        env = {
+            "GATEWAY_INTERFACE": "CGI/1.1",
+            "SERVER_SOFTWARE": f"wasinn/{__version__}",
+            "SERVER_PROTOCOL": request.protocol,
+            "SERVER_NAME": request.server_name,
+            "SERVER_PORT": str(request.server_port),
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": script,
+            "PATH_INFO": path_info,
+            "PATH_TRANSLATED": path_info,
+            "X_RAW_PATH_INFO": raw_info,
+            "X_MATCHED_ROUTE": f"{script}/...",
+            "QUERY_STRING": request.query,
+            "REMOTE_ADDR": request.remote_addr,
+            "REMOTE_HOST": request.remote_addr,
+            "CONTENT_TYPE": headers.get("content-type", ""),
+            "CONTENT_LENGTH": str(len(request.body)),
+            "X_FULL_URL": (f"http://{headers.get('host', request.server_name)}{raw}"
+                           + (f"?{request.query}" if request.query else "")),
+        }
+        for name, value in request.headers:
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+                continue  # CGI gives these without the prefix
+            env[key] = f"{env[key]}, {value}" if key in env else value
+        return env
+
+
+def parse_cgi(output: bytes) -> WagiResponse:
+    """A CGI response: header lines (`Name: value`, LF or CRLF), a blank line, the body.
+    `Status: 404 Not Found` sets the status (default 200, or 302 with a Location); a
+    response needs a Content-Type or a Location. Raises ValueError saying what is wrong."""
+    end = len(output)
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        at = output.find(separator)
+        if at >= 0 and at < end:
+            end, body_at = at, at + len(separator)
+    if end == len(output):
+        if not output:
+            raise ValueError("it wrote nothing")
+        raise ValueError("no blank line ends its headers")
+    try:
+        head = output[:end].decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
+        raise ValueError("its headers are not text") from None
+    status: int | None = None
+    headers: list[tuple[str, str]] = []
+    for line in head.replace("\r\n", "\n").split("\n"):
+        match = _HEADER.match(line)
+        if not match:
+            raise ValueError(f"not a header line: {line[:80]!r}")
+        name, value = match[1], match[2]
+        if name.lower() == "status":
+            code = value.split(" ", 1)[0]
+            if not (code.isdigit() and len(code) == 3 and 100 <= int(code) <= 599):
+                raise ValueError(f"not a status: {value[:80]!r}")
+            status = int(code)
+        else:
+            headers.append((name, value))
+    names = {name.lower() for name, _ in headers}
+    if "content-type" not in names and "location" not in names:
+        raise ValueError("it gave neither a Content-Type nor a Location")
+    if status is None:
+        status = 302 if "location" in names else 200
+    return WagiResponse(status, headers, output[body_at:])
+
+
+def _run_start(instance: wasmtime.Instance, store: wasmtime.Store) -> int:
+    start = instance.exports(store).get("_start")
+    assert isinstance(start, wasmtime.Func)  # checked when the route was made
+    try:
+        start(store)
+    except wasmtime.ExitTrap as e:
+        return e.code
+    return 0
+
+
+class _Held:
+    """How many output callbacks wasmtime still holds (see WagiRoute.close)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def add(self, delta: int) -> None:
+        with self._changed:
+            self._count += delta
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
+class _Capture:
+    """A guest's output stream, kept in memory up to `limit` bytes: past it, writes fail
+    (the guest sees EIO) and `overflowed` says so; or, with `keep_tail`, only the last
+    `limit` bytes are kept. Counted in `held` until wasmtime drops its callback."""
+
+    def __init__(self, held: _Held, limit: int, keep_tail: bool = False) -> None:
+        self._held = held
+        held.add(1)
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._keep_tail = keep_tail
+        self.overflowed = False
+
+    def write(self, data: bytes) -> int:
+        if self._keep_tail:
+            self._parts = [b"".join(self._parts) + data]
+            self._parts[0] = self._parts[0][-self._limit:]
+            return len(data)
+        if self._size + len(data) > self._limit:
+            self.overflowed = True
+            return -5  # -EIO
+        self._parts.append(data)
+        self._size += len(data)
+        return len(data)
+
+    def data(self) -> bytes:
+        return b"".join(self._parts)
+
+    def __del__(self) -> None:  # wasmtime dropped the callback, and the request is over
+        self._held.add(-1)
+
+
+def _cause(text: str) -> str:
+    """wasmtime's messages end with the cause, after a backtrace."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+def _last_line(data: bytes) -> str:
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def parse_route(text: str) -> tuple[str, Path]:
+    """`/PATH=MODULE.wasm` (the --route syntax) as (path, module)."""
+    path, sep, module = text.partition("=")
+    if not sep or not path.startswith("/") or not module:
+        raise ValueError(f"--route {text!r}: expected /PATH=MODULE.wasm")
+    return path, Path(module).expanduser()
+
+
+
+#: methods a route answers (the guest decides what each means)
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+#: bigger request bodies are refused (413) before a guest runs
+DEFAULT_MAX_BODY = 64 << 20
+#: headers the server sets itself, whatever the guest wrote
+_SERVER_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+def mount(app: Any, route: WagiRoute, max_body: int = DEFAULT_MAX_BODY) -> None:
+    """Serve `route` on a Starlette/FastAPI `app`: its path and every path under it."""
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+
+    async def endpoint(request: Request) -> Response:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                return PlainTextResponse(f"the body is over {max_body} bytes\n", 413)
+        scope = request.scope
+        server = scope.get("server") or ("localhost", 80)
+        raw_path = scope.get("raw_path")
+        answer = await route.respond(WagiRequest(
+            method=request.method, path=scope["path"], query=scope["query_string"].decode(
+                "latin-1"),
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            body=bytes(body), server_name=str(server[0]), server_port=int(server[1] or 0),
+            remote_addr=request.client.host if request.client else "",
+            protocol=f"HTTP/{scope.get('http_version', '1.1')}",
+            raw_path=raw_path.decode("latin-1") if raw_path else None))
+        response = Response(b"" if request.method == "HEAD" else answer.body,
+                            status_code=answer.status)
+        response.raw_headers.extend((k.lower().encode("latin-1"), v.encode("latin-1"))
+                                    for k, v in answer.headers
+                                    if k.lower() not in _SERVER_HEADERS)
+        return response
+
+    base = "" if route.route == "/" else route.route
+    for path in (route.route, f"{base}/{{rest:path}}"):
+        app.add_route(path, endpoint, methods=list(METHODS), include_in_schema=False)

@@ -1,0 +1,296 @@
+"""`wasinn serve --route`: guests as HTTP handlers (WAGI-style), over real HTTP on loopback.
+
+The guests are guests/edge_classify.c (the real EfficientNet-Lite0, checked against
+onnxruntime), guests/edge_chat.c (the tiny random-weight GGUF, whose greedy output never ends
+early, so n_predict decides its length) and guests/edge_test.c (CGI variables, statuses and
+every way a guest can fail).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("uvicorn")
+import httpx2 as httpx  # noqa: E402
+
+from loopback import LoopbackServer  # noqa: E402
+from wasinn import Host  # noqa: E402
+from wasinn.cli import EXIT_USAGE, build_parser, main, merge_serve_config  # noqa: E402
+from wasinn.server import WagiPool, WagiRequest, WagiRoute, create_app  # noqa: E402
+from wasinn.server._wagi import parse_cgi  # noqa: E402
+
+N_PREDICT = 8
+TIMEOUT = 0.5  # the test route's deadline, for the guest that loops forever
+MAX_MEMORY = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def host(example_assets: Path, tiny: Path) -> Iterator[Host]:
+    model = example_assets / "efficientnet-lite0" / "model.onnx"
+    host = Host(models=[f"efficientnet-lite0:onnx:cpu:{model}", f"tiny:GGML:AUTO:{tiny}"],
+                module_cache=False)
+    host.registry.preload_all()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def server(host: Host, guests: dict[str, Path], example_assets: Path) -> Iterator[str]:
+    pool = WagiPool(workers=4, queue=8)
+    routes = [
+        WagiRoute(host, guests["edge_classify"], route="/classify",
+                  dirs=[f"{example_assets}:/data"], pool=pool),
+        WagiRoute(host, guests["edge_chat"], route="/chat",
+                  env={"MODEL": "tiny", "N_PREDICT": str(N_PREDICT), "TEMP": "0"}, pool=pool),
+        WagiRoute(host, guests["edge_test"], route="/test", env={"GREETING": "hello"},
+                  timeout=TIMEOUT, max_memory=MAX_MEMORY, pool=pool),
+    ]
+    try:
+        with LoopbackServer(create_app(host, routes=routes)) as running:
+            yield running.url
+    finally:
+        pool.close()
+        for route in routes:
+            route.close()
+
+
+def top5_of(response: httpx.Response) -> list[tuple[int, str, float]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    return [(row["class"], row["label"], row["p"]) for row in response.json()["top5"]]
+
+
+def expected_top5(reference, assets: Path) -> list[tuple[int, float, str]]:
+    return reference.top5(assets / "efficientnet-lite0" / "model.onnx", assets / "chelsea.ppm",
+                          reference.load_labels(assets / "imagenet_labels.txt"))
+
+
+# --- the classifier ------------------------------------------------------------------------
+
+def test_classify_route_matches_onnxruntime(server: str, example_assets: Path,
+                                            reference) -> None:
+    response = httpx.post(f"{server}/classify", content=(example_assets / "chelsea.ppm")
+                          .read_bytes(), headers={"Content-Type": "image/x-portable-pixmap"})
+    got = top5_of(response)
+    assert response.json()["model"] == "efficientnet-lite0"
+    expected = expected_top5(reference, example_assets)
+    assert [(c, label) for c, label, _ in got] == [(c, label) for c, _, label in expected]
+    for (_, _, p_guest), (_, p_ref, _) in zip(got, expected):
+        assert p_guest == pytest.approx(p_ref, abs=1e-4)
+    assert got[0][:2] == (285, "Egyptian cat")
+
+
+def test_classify_resizes_and_crops_like_prepare(server: str, example_assets: Path,
+                                                 reference) -> None:
+    """The full 451x300 photo (with a header comment): the guest's resize and centre crop
+    give the classes prepare.py's Pillow crop gives (pixels may differ by rounding)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    pixels = skimage_data.chelsea()
+    height, width, _ = pixels.shape
+    ppm = f"P6\n# chelsea\n{width} {height}\n255\n".encode() + np.ascontiguousarray(
+        pixels, dtype=np.uint8).tobytes()
+    response = httpx.post(f"{server}/classify", content=ppm)
+    got = top5_of(response)
+    assert (response.json()["width"], response.json()["height"]) == (451, 300)
+    expected = expected_top5(reference, example_assets)
+    assert [c for c, _, _ in got] == [c for c, _, _ in expected]
+    for (_, _, p_guest), (_, p_ref, _) in zip(got, expected):
+        assert p_guest == pytest.approx(p_ref, abs=0.01)
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b"", "not a binary PPM"),
+    (b"GIF89a....", "not a binary PPM"),
+    (b"P6\n224 224\n", "malformed PPM header"),
+    (b"P6\n2 2\n65535\n" + bytes(24), "maxval"),
+    (b"P6\n224 224\n255\n" + bytes(100), "truncated pixel data"),
+    (b"P6\n100000 100000\n255\n", "too large"),
+])
+def test_classify_bad_input_is_400(server: str, body: bytes, reason: str) -> None:
+    response = httpx.post(f"{server}/classify", content=body)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/plain")
+    assert reason in response.text
+
+
+# --- the chat model --------------------------------------------------------------------------
+
+def test_chat_route_generates(server: str) -> None:
+    response = httpx.post(f"{server}/chat", content="Say hello.".encode())
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text.strip()
+    assert int(response.headers["x-output-tokens"]) == N_PREDICT
+    assert int(response.headers["x-input-tokens"]) > 3
+    again = httpx.post(f"{server}/chat", content="Say hello.".encode())
+    assert again.text == response.text  # greedy, and no state kept between requests
+    short = httpx.post(f"{server}/chat?n_predict=2", content="Say hello.".encode())
+    assert int(short.headers["x-output-tokens"]) == 2
+
+
+def test_chat_route_needs_a_prompt(server: str) -> None:
+    response = httpx.post(f"{server}/chat", content=b"")
+    assert response.status_code == 400 and "prompt" in response.text
+
+
+# --- CGI in and out --------------------------------------------------------------------------
+
+def echo(text: str) -> dict[str, str]:
+    head, _, body = text.partition("body=")
+    values = dict(line.split("=", 1) for line in head.splitlines())
+    values["body"] = body
+    return values
+
+
+def test_cgi_variables(server: str) -> None:
+    response = httpx.post(f"{server}/test/echo?a=1&b=two", content=b"the body",
+                          headers={"X-Request-Id": "r-1", "Content-Type": "text/x-test"})
+    assert response.status_code == 200
+    assert response.headers["x-served"] == "1"
+    port = server.rsplit(":", 1)[1]
+    assert echo(response.text) == {
+        "REQUEST_METHOD": "POST", "SCRIPT_NAME": "/test", "PATH_INFO": "/echo",
+        "QUERY_STRING": "a=1&b=two", "CONTENT_TYPE": "text/x-test", "CONTENT_LENGTH": "8",
+        "SERVER_NAME": "127.0.0.1", "SERVER_PORT": port, "SERVER_PROTOCOL": "HTTP/1.1",
+        "GATEWAY_INTERFACE": "CGI/1.1", "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_X_REQUEST_ID": "r-1", "X_MATCHED_ROUTE": "/test/...", "GREETING": "hello",
+        "served": "1", "body": "the body"}
+
+
+def test_status_and_location_headers(server: str) -> None:
+    response = httpx.get(f"{server}/test/status")
+    assert (response.status_code, response.text) == (404, "no such thing\n")
+    response = httpx.get(f"{server}/test/redirect", follow_redirects=False)
+    assert response.status_code == 302 and response.headers["location"] == "/elsewhere"
+
+
+@pytest.mark.parametrize("path,status,reason", [
+    ("/trap", 500, "the guest trapped: wasm trap: wasm `unreachable` instruction executed"),
+    ("/exit", 500, "the guest exited with status 3; its last words: edge_test: failing on "
+                   "purpose"),
+    ("/bad", 500, "the guest's output is not a CGI response: not a header line: "
+                  "'this is not a header'"),
+    ("/loop", 504, f"the guest ran past its {TIMEOUT:g} s deadline"),
+    (f"/grow?mb={2 * MAX_MEMORY >> 20}", 500, "the guest trapped"),
+])
+def test_a_failing_guest_is_an_error_and_the_server_goes_on(server: str, path: str,
+                                                              status: int, reason: str) -> None:
+    response = httpx.get(f"{server}/test{path}")
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text.startswith(reason)
+    assert httpx.get(f"{server}/test/echo").status_code == 200
+
+
+def test_memory_under_the_limit_is_fine(server: str) -> None:
+    response = httpx.get(f"{server}/test/grow?mb=2")
+    assert (response.status_code, response.text) == (200, "grew 2 MiB\n")
+
+
+def test_concurrent_requests_do_not_share_state(server: str) -> None:
+    results: dict[int, httpx.Response] = {}
+
+    def call(i: int) -> None:
+        results[i] = httpx.post(f"{server}/test/echo?i={i}", content=f"body {i}".encode(),
+                                headers={"X-Request-Id": str(i)}, timeout=30)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, response in results.items():
+        assert response.status_code == 200
+        seen = echo(response.text)
+        assert (seen["HTTP_X_REQUEST_ID"], seen["QUERY_STRING"], seen["body"],
+                seen["served"]) == (str(i), f"i={i}", f"body {i}", "1")
+    assert len(results) == 8
+
+
+def test_saturated_pool_is_503(host: Host, guests: dict[str, Path]) -> None:
+    pool = WagiPool(workers=1, queue=0)
+    route = WagiRoute(host, guests["edge_test"], route="/one", timeout=1.0, pool=pool)
+    try:
+        with LoopbackServer(create_app(host, routes=[route])) as running:
+            slow: list[httpx.Response] = []
+            busy = threading.Thread(
+                target=lambda: slow.append(httpx.get(f"{running.url}/one/loop", timeout=30)))
+            busy.start()
+            while pool.admitted == 0 and busy.is_alive():  # until the loop holds the worker
+                threading.Event().wait(0.005)
+            refused = httpx.get(f"{running.url}/one/echo")
+            busy.join()
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "all 1 workers are busy" in refused.text
+            assert slow[0].status_code == 504
+            assert httpx.get(f"{running.url}/one/echo").status_code == 200
+    finally:
+        pool.close()
+        route.close()
+
+
+# --- the runner without HTTP (as a bench drives it) ------------------------------------------
+
+@pytest.mark.parametrize("reuse_linking", [True, False])
+def test_runner_called_directly(host: Host, guests: dict[str, Path], example_assets: Path,
+                                reference, reuse_linking: bool) -> None:
+    route = WagiRoute(host, guests["edge_classify"], route="/classify",
+                      dirs=[f"{example_assets}:/data"], reuse_linking=reuse_linking)
+    response = route.handle(WagiRequest(method="POST", path="/classify",
+                                        body=(example_assets / "chelsea.ppm").read_bytes()))
+    assert response.status == 200 and response.error is None
+    got = json.loads(response.body)["top5"]
+    expected = expected_top5(reference, example_assets)
+    assert [row["class"] for row in got] == [c for c, _, _ in expected]
+    assert set(response.timings) == {"setup", "instantiate", "run", "parse", "total"}
+    route.close()
+
+
+def test_parse_cgi() -> None:
+    answer = parse_cgi(b"Content-Type: text/plain\r\nStatus: 201 Created\r\nX-A: 1\r\n\r\nok")
+    assert (answer.status, answer.headers, answer.body) == (
+        201, [("Content-Type", "text/plain"), ("X-A", "1")], b"ok")
+    for output, reason in [(b"", "wrote nothing"), (b"Content-Type: text/plain\n", "no blank"),
+                           (b"X-A: 1\n\n", "neither a Content-Type"),
+                           (b"Status: teapot\nContent-Type: a/b\n\n", "not a status")]:
+        with pytest.raises(ValueError, match=reason):
+            parse_cgi(output)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def test_route_options_and_config(tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text('route = ["/classify=guests/edge_classify.wasm"]\n'
+                      'route-dir = ["assets:/data"]\n'
+                      'route-env = ["MODEL=efficientnet-lite0"]\n'
+                      'route-timeout = 5\nroute-max-memory = "64M"\nroute-workers = 2\n')
+    args = merge_serve_config(build_parser().parse_args(
+        ["serve", "--config", str(config), "--route", "/chat=chat.wasm", "--route-queue", "0"]))
+    assert args.route == [f"/classify={tmp_path}/guests/edge_classify.wasm", "/chat=chat.wasm"]
+    assert args.route_dir == [f"{tmp_path}/assets:/data"]
+    assert args.route_env == ["MODEL=efficientnet-lite0"]
+    assert (args.route_timeout, args.route_max_memory, args.route_workers,
+            args.route_queue) == (5.0, "64M", 2, 0)
+
+
+def test_bad_routes_get_a_clear_error(tiny: Path, guests: dict[str, Path],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["serve", "--no-cache", "--nn-preload", f"tiny:GGML:AUTO:{tiny}"]
+    cases = {
+        ("--route", "classify.wasm"): "expected /PATH=MODULE.wasm",
+        ("--route", "/x=/no/such.wasm"): "no such module",
+        ("--route", f"/v1/chat={guests['edge_test']}"): "the OpenAI API's paths are taken",
+        ("--route", f"/x={guests['bench']}"): "not a WASI command",
+        ("--route", f"/x={guests['edge_test']}", "--route-workers", "0"): "at least 1",
+        ("--route", f"/x={guests['edge_test']}", "--route-max-memory", "lots"): "not a size",
+    }
+    for flags, message in cases.items():
+        assert main([*base, *flags]) == EXIT_USAGE, flags
+        assert message in capsys.readouterr().err, flags
