@@ -4,13 +4,19 @@ warm-up then alternating rounds, medians)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import io
+import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,7 @@ from types import ModuleType
 import numpy as np
 import wasmtime
 
+import wasinn
 from wasinn.host import Host
 from wasinn.tensor import TensorType
 
@@ -233,3 +240,85 @@ def print_table(rows: Sequence[Sequence[str]], left: int) -> None:
         cells = [cell.ljust(w) if i < left else cell.rjust(w)
                  for i, (cell, w) in enumerate(zip(row, widths))]
         print("  " + "  ".join(cells))
+
+
+# --- a server on loopback and a lean client for it ---------------------------------------
+
+
+class Server:
+    """`python -m wasinn serve --host 127.0.0.1 --port 0 ARGS...` (this very wasinn) in a
+    subprocess; `port` once it listens."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ if env is None else env)
+        source = str(Path(wasinn.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "wasinn", "serve", "--host", "127.0.0.1", "--port", "0",
+               *args]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.log: deque[str] = deque(maxlen=40)
+        self._port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(120) or self._port is None:
+            self.stop()
+            raise SystemExit("wasinn serve did not start:\n" + "".join(self.log))
+        self.port = self._port
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                self._port = int(found.group(1))
+                self._ready.set()
+        self._ready.set()  # it ended
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down, the store closes
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class HttpConnection:
+    """One HTTP/1.1 keep-alive connection, one request at a time: about the least a client
+    can cost (asyncio streams set TCP_NODELAY; headers and body go in one write)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 host: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._host = host.encode()
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> HttpConnection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, f"{host}:{port}")
+
+    async def post(self, path: str, body: bytes | str,
+                   content_type: str = "application/json") -> tuple[int, dict[str, str], bytes]:
+        raw = body.encode() if isinstance(body, str) else body
+        self._writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n"
+                           b"Content-Length: %d\r\n\r\n%s"
+                           % (path.encode(), self._host, content_type.encode(), len(raw), raw))
+        head = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        if "content-length" not in headers:
+            raise RuntimeError(f"an answer without Content-Length ({head[0]})")
+        return status, headers, await self._reader.readexactly(int(headers["content-length"]))
+
+    async def close(self) -> None:
+        self._writer.close()
+        await self._writer.wait_closed()

@@ -69,16 +69,10 @@ import atexit
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +80,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-import wasinn
-from _common import ROOT, print_table
+from _common import ROOT, HttpConnection, Server, print_table
 from wasinn.cache import (DEFAULT_THRESHOLD, STATUS_HEADER, Entry, SemanticCache, SQLiteStore,
                           scope)
 from wasinn.cache import DEFAULT_VERIFIER, VERIFIED_COSINE_FLOOR, Verifier
@@ -518,90 +511,17 @@ def quarter_ratios(r: SizeResult) -> list[float]:
 # --- part 2: hits per second from a server ---------------------------------------------------
 
 
-class HttpConnection:
-    """One HTTP/1.1 keep-alive connection, one request at a time: about the least a client
-    can cost (asyncio streams set TCP_NODELAY; headers and body go in one write)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 host: str) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._host = host.encode()
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> HttpConnection:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer, f"{host}:{port}")
-
-    async def post(self, path: str, payload: object) -> tuple[int, dict[str, str], bytes]:
-        body = json.dumps(payload).encode()
-        self._writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%s"
-                           % (path.encode(), self._host, len(body), body))
-        head = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ", 2)[1])
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            if name:
-                headers[name.strip().lower()] = value.strip()
-        if "content-length" not in headers:
-            raise RuntimeError(f"an answer without Content-Length ({head[0]})")
-        return status, headers, await self._reader.readexactly(int(headers["content-length"]))
-
-    async def close(self) -> None:
-        self._writer.close()
-        await self._writer.wait_closed()
-
-
 def chat_body(text: str) -> dict[str, object]:
     """The body of every request: the same model and sampling, so the same scope."""
     return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": text}],
             "max_tokens": MAX_TOKENS, "temperature": 0}
 
 
-class Server:
-    """`python -m wasinn serve` on a free loopback port, in a subprocess."""
-
-    def __init__(self, cache: Path, threshold: float, max_entries: int,
-                 verifier: Path | None) -> None:
-        env = dict(os.environ)
-        source = str(Path(wasinn.__file__).resolve().parent.parent)  # this very wasinn
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "wasinn", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--cache", str(cache), "--threshold", str(threshold),
-               "--cache-max-entries", str(max_entries),
-               "--verifier", "none" if verifier is None else str(verifier)]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        self.log: deque[str] = deque(maxlen=40)
-        self._port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(120) or self._port is None:
-            self.stop()
-            raise SystemExit("wasinn serve did not start:\n" + "".join(self.log))
-        self.port = self._port
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                self._port = int(found.group(1))
-                self._ready.set()
-        self._ready.set()  # it ended
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down, the store closes
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_server(cache: Path, threshold: float, max_entries: int,
+                 verifier: Path | None) -> Server:
+    return Server(["--cache", str(cache), "--threshold", str(threshold),
+                   "--cache-max-entries", str(max_entries),
+                   "--verifier", "none" if verifier is None else str(verifier)])
 
 
 @dataclass(frozen=True)
@@ -630,7 +550,7 @@ async def run_level(port: int, clients: int, duration: float, questions: list[st
             i += 1
             start = time.perf_counter()
             status, headers, body = await connection.post("/v1/chat/completions",
-                                                          chat_body(questions[n]))
+                                                          json.dumps(chat_body(questions[n])))
             times.append(time.perf_counter() - start)
             if status != 200 or headers.get(STATUS_HEADER) != "HIT" or \
                     json.loads(body)["choices"][0]["message"]["content"] != answers[n]:
@@ -661,11 +581,11 @@ async def hits_per_second(args: argparse.Namespace, data: Data, workdir: Path) -
     print(f"\npart 2: cache hits per second, `wasinn serve` (SmolLM2 + MiniLM) on loopback, "
           f"{count:,} entries; raw asyncio HTTP/1.1 keep-alive clients, one request in "
           f"flight each, {args.duration:g} s per level", flush=True)
-    server = Server(path, args.wasinn_threshold, count + 1, args.verifier)
+    server = start_server(path, args.wasinn_threshold, count + 1, args.verifier)
     try:
         connection = await HttpConnection.open("127.0.0.1", server.port)
         status, headers, body = await connection.post("/v1/chat/completions",
-                                                      chat_body(FIRST_QUESTION))
+                                                      json.dumps(chat_body(FIRST_QUESTION)))
         await connection.close()
     finally:
         server.stop()
@@ -686,7 +606,7 @@ async def hits_per_second(args: argparse.Namespace, data: Data, workdir: Path) -
     questions = [texts[i] for i in order]
     answers = [answer_of(int(i)) for i in order]
     start = time.perf_counter()
-    server = Server(path, args.wasinn_threshold, count + 1, args.verifier)
+    server = start_server(path, args.wasinn_threshold, count + 1, args.verifier)
     print(f"  the server started in {time.perf_counter() - start:.1f} s (models and index)",
           flush=True)
     try:

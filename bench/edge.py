@@ -1,0 +1,313 @@
+"""What an edge route costs per request, cold start cut step by step, and its throughput.
+
+    python bench/edge.py [--requests N] [--clients 1,2,4] [--duration S] [--quick]
+
+The route: guests/edge_classify.c, WAGI-style (`wasinn serve --route`), classifying a
+224x224 PPM (the example's photo, so the guest takes it as it is, with no resize) with
+EfficientNet-Lite0 through load_by_name. Each request is a fresh instance.
+
+Part 1, per-request latency in process (`WagiRoute.handle`: a new Store, WASI with the body
+on stdin, instantiate, `_start`, parse the CGI answer), for each way to start an instance:
+
+1. cold: the module compiled for every request (no module cache), then linked;
+2. module cache: the compiled module read back from the on-disk cache for every request
+   (`Module.deserialize_file`), then linked;
+3. linked per request: the module compiled once, in memory; the imports resolved per
+   request (`Linker.instantiate`);
+4. linking reused: one `InstancePre` for all requests;
+5. pre-initialized: `wasinn preinit` ran the guest's init once (model bound by name, labels
+   read); every instance starts from that snapshot, from one `InstancePre`.
+
+Beside each step, the inference inside the request on its own: onnxruntime's `run` on the
+same session with the same input, timed in the same rounds (the two alternate, so noise hits
+both). `over inference` = request - inference, medians. Target (issue 7): a warm request
+(steps 4 and 5) costs <= 1 ms more than the inference inside it.
+
+Part 2, requests per second over HTTP: `wasinn serve --route /classify=...` (pre-initialized
+module, linking reused) in a subprocess on loopback, N clients each with one request in flight
+on a keep-alive connection, for each `--clients` level; every answer is checked (200, the same
+top-1 class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from _common import (CLASSIFIER, EXAMPLE_OUT, IMAGE, GUESTS_OUT, HttpConnection, Server,
+                     build_guests, classifier_input, prepare_classifier, print_table)
+from wasinn.backends.onnx import OnnxGraph
+from wasinn.host import Host
+from wasinn.preinit import preinitialize
+from wasinn.server import WagiRequest, WagiRoute
+
+MODEL = "efficientnet-lite0"
+LABELS = EXAMPLE_OUT / "imagenet_labels.txt"
+GUEST = "edge_classify"
+TARGET_OVER_MS = 1.0
+ROUTE_ENV = {"MODEL": MODEL, "LABELS": "/data/imagenet_labels.txt"}
+ROUTE_DIRS = [f"{EXAMPLE_OUT}:/data"]
+
+
+@dataclass
+class Step:
+    name: str
+    request_s: list[float]
+    inference_s: list[float]
+    parts: dict[str, list[float]]
+
+    def p(self, q: float) -> float:
+        return float(np.quantile(self.request_s, q))
+
+    @property
+    def over_s(self) -> float:
+        return statistics.median(self.request_s) - statistics.median(self.inference_s)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.2f}"
+
+
+# --- part 1 ----------------------------------------------------------------------------------
+
+
+def request_of(body: bytes) -> WagiRequest:
+    return WagiRequest(method="POST", path="/classify", body=body,
+                       headers=[("content-type", "image/x-portable-pixmap")])
+
+
+def check(response: object, expected_class: int) -> None:
+    status = getattr(response, "status")
+    body = getattr(response, "body")
+    if status != 200:
+        raise SystemExit(f"the route answered {status}: {getattr(response, 'error', '')} "
+                         f"{body[:200]!r}")
+    top = json.loads(body)["top5"][0]["class"]
+    if top != expected_class:
+        raise SystemExit(f"the route's top-1 is class {top}, onnxruntime's {expected_class}")
+
+
+def measure_step(name: str, serve: Callable[[], object], infer: Callable[[], object],
+                 expected_class: int, requests: int, warmup: int) -> Step:
+    """`serve` answers one request (a WagiResponse); `infer` runs the inference alone."""
+    for _ in range(warmup):
+        check(serve(), expected_class)
+        infer()
+    request_s: list[float] = []
+    inference_s: list[float] = []
+    parts: dict[str, list[float]] = {}
+    for i in range(requests):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate which goes first
+            start = time.perf_counter()
+            if side == 0:
+                response = serve()
+                request_s.append(time.perf_counter() - start)
+                check(response, expected_class)
+                for part, seconds in getattr(response, "timings").items():
+                    parts.setdefault(part, []).append(seconds)
+            else:
+                infer()
+                inference_s.append(time.perf_counter() - start)
+    return Step(name, request_s, inference_s, parts)
+
+
+def preinitialized_module(host: Host, wasm: Path, out: Path) -> Path:
+    made = preinitialize(wasm.read_bytes(), host, engine="wasinn", env=ROUTE_ENV,
+                         dirs=[_preopen(d) for d in ROUTE_DIRS])
+    out.write_bytes(made.wasm)
+    return out
+
+
+def _preopen(text: str) -> object:
+    from wasinn.host import Preopen
+    return Preopen.parse(text)
+
+
+def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[Step]:
+    body = IMAGE.read_bytes()
+    host = Host(models=[f"{MODEL}:onnx:cpu:{CLASSIFIER}"], module_cache=workdir / "modules")
+    try:
+        graph = host.registry.get(MODEL)
+        assert isinstance(graph, OnnxGraph)
+        session = graph.session
+        feeds = {session.get_inputs()[0].name: classifier_input()}
+        expected = int(np.argmax(session.run(None, feeds)[0]))
+
+        def infer() -> object:
+            return session.run(None, feeds)
+
+        def route(module: Path, reuse_linking: bool = True) -> WagiRoute:
+            return WagiRoute(host, module, route="/classify", env=ROUTE_ENV, dirs=ROUTE_DIRS,
+                             reuse_linking=reuse_linking)
+
+        def fresh_route(cached: bool) -> Callable[[], object]:
+            def serve() -> object:
+                host.modules.enabled = cached
+                try:  # the route compiles (or reads back) and links as it is made
+                    r = route(guest, reuse_linking=False)
+                finally:
+                    host.modules.enabled = True
+                try:
+                    return r.handle(request_of(body))
+                finally:
+                    r.close()
+            return serve
+
+        preinit_wasm = preinitialized_module(host, guest, workdir / f"{GUEST}.preinit.wasm")
+        host.compile(guest)  # fills the module cache for step 2
+        linked_per_request = route(guest, reuse_linking=False)
+        reused = route(guest)
+        preinit = route(preinit_wasm)
+        plan: list[tuple[str, Callable[[], object]]] = [
+            ("1 cold: compile + link", fresh_route(cached=False)),
+            ("2 module cache + link", fresh_route(cached=True)),
+            ("3 compiled once, link per request", lambda: linked_per_request.handle(
+                request_of(body))),
+            ("4 linking reused (InstancePre)", lambda: reused.handle(request_of(body))),
+            ("5 pre-initialized + InstancePre", lambda: preinit.handle(request_of(body))),
+        ]
+        steps = []
+        for name, serve in plan:
+            cold = name.startswith(("1", "2"))
+            steps.append(measure_step(name, serve, infer, expected,
+                                      max(3, args.requests // 4) if cold else args.requests,
+                                      1 if cold else args.warmup))
+        for r in (linked_per_request, reused, preinit):
+            r.close()
+        return steps
+    finally:
+        host.close()
+
+
+def report_latency(steps: Sequence[Step]) -> bool:
+    rows = [("step", "requests", "p50 ms", "p90 ms", "inference ms", "over inference ms",
+             "instantiate ms", "run ms")]
+    for s in steps:
+        rows.append((s.name, str(len(s.request_s)), ms(s.p(0.5)), ms(s.p(0.9)),
+                     ms(statistics.median(s.inference_s)), ms(s.over_s),
+                     ms(statistics.median(s.parts.get("instantiate", [0.0]))),
+                     ms(statistics.median(s.parts.get("run", [0.0])))))
+    print_table(rows, left=1)
+    warm = [s for s in steps if s.name.startswith(("4", "5"))]
+    best = min(warm, key=lambda s: s.over_s)
+    ok = best.over_s <= TARGET_OVER_MS / 1e3
+    print(f"target: a warm request <= {TARGET_OVER_MS:g} ms over its inference: "
+          f"{ms(best.over_s)} ms ({best.name}) {'PASS' if ok else 'MISS'}")
+    return ok
+
+
+# --- part 2 ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    clients: int
+    seconds: float
+    times: list[float]
+
+    @property
+    def per_s(self) -> float:
+        return len(self.times) / self.seconds
+
+
+async def run_level(port: int, clients: int, duration: float, body: bytes,
+                    expected: int) -> Level:
+    connections = [await HttpConnection.open("127.0.0.1", port) for _ in range(clients)]
+    times: list[float] = []
+
+    async def client(connection: HttpConnection, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            status, _, answer = await connection.post("/classify", body,
+                                                      "image/x-portable-pixmap")
+            times.append(time.perf_counter() - start)
+            if status != 200 or json.loads(answer)["top5"][0]["class"] != expected:
+                raise SystemExit(f"the server answered {status}: {answer[:200]!r}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c, start + duration) for c in connections))
+    seconds = time.perf_counter() - start
+    for connection in connections:
+        await connection.close()
+    return Level(clients, seconds, times)
+
+
+async def throughput(args: argparse.Namespace, module: Path) -> list[Level]:
+    body = IMAGE.read_bytes()
+    workers = max(args.clients)
+    server = Server(["--nn-preload", f"{MODEL}:onnx:cpu:{CLASSIFIER}",
+                     "--route", f"/classify={module}", "--route-workers", str(workers),
+                     "--route-env", f"MODEL={MODEL}", "--route-dir", ROUTE_DIRS[0],
+                     "--no-cache"])
+    try:
+        connection = await HttpConnection.open("127.0.0.1", server.port)
+        status, _, answer = await connection.post("/classify", body, "image/x-portable-pixmap")
+        await connection.close()
+        if status != 200:
+            raise SystemExit(f"the server answered {status}: {answer[:300]!r}")
+        expected = json.loads(answer)["top5"][0]["class"]
+        await run_level(server.port, 1, min(1.0, args.duration), body, expected)  # warm-up
+        return [await run_level(server.port, n, args.duration, body, expected)
+                for n in args.clients]
+    finally:
+        server.stop()
+
+
+def report_throughput(levels: Sequence[Level]) -> None:
+    rows = [("clients", "requests", "requests/s", "p50 ms", "p90 ms")]
+    for level in levels:
+        rows.append((str(level.clients), str(len(level.times)), f"{level.per_s:,.1f}",
+                     ms(float(np.quantile(level.times, 0.5))),
+                     ms(float(np.quantile(level.times, 0.9)))))
+    print_table(rows, left=1)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=60,
+                        help="timed requests per warm step (cold steps: a quarter; default 60)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed requests per step")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 2, 4], help="concurrent HTTP clients, per level (1,2,4)")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per throughput level (default 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: few requests, 1 s levels")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.warmup, args.duration = 8, 1, 1.0
+    if args.requests < 1 or min(args.clients) < 1 or args.duration <= 0:
+        parser.error("--requests, --clients and --duration must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    guest = build_guests([GUEST])[GUEST]
+    prepare_classifier(LABELS)
+    print(f"edge route {GUEST}.wasm on a {IMAGE.name} (224x224 PPM), {MODEL} on onnxruntime "
+          f"(CPU); guests from {GUESTS_OUT}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="wasinn-edge-") as tmp:
+        workdir = Path(tmp)
+        print("\npart 1: per-request latency in process (WagiRoute.handle), medians", flush=True)
+        steps = latency_steps(args, guest, workdir)
+        ok = report_latency(steps)
+        print(f"\npart 2: `wasinn serve --route` on loopback, pre-initialized guest, "
+              f"{args.duration:g} s per level", flush=True)
+        report_throughput(asyncio.run(throughput(args, workdir / f"{GUEST}.preinit.wasm")))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
