@@ -18,7 +18,8 @@ HEADER = GUESTS_DIR / "wasi_nn.h"
 #: Guests built as WASI reactors (no main; exported functions + _initialize).
 REACTORS = frozenset({"abi_exerciser", "bench"})
 #: All guests, by stem.
-GUESTS = ("classify", "abi_exerciser", "bench", "probe", "chat", "stream", "embed")
+GUESTS = ("classify", "abi_exerciser", "bench", "probe", "chat", "stream", "embed",
+          "preinit_table", "preinit_nn")
 
 #: Guest stack size. zig's default (16 MiB) makes every guest start with 257
 #: pages of memory; 1 MiB keeps the initial memory at ~17 pages so that host
@@ -53,7 +54,8 @@ def _up_to_date(src: Path, out: Path) -> bool:
     if not out.exists():
         return False
     out_mtime = out.stat().st_mtime
-    deps = (src, HEADER, GUESTS_DIR / "ggml_common.h", Path(__file__).resolve())
+    deps = (src, HEADER, GUESTS_DIR / "ggml_common.h", GUESTS_DIR / "preinit.h",
+            Path(__file__).resolve())
     return all(dep.stat().st_mtime < out_mtime for dep in deps)
 
 
