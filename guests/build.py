@@ -19,7 +19,7 @@ HEADER = GUESTS_DIR / "wasi_nn.h"
 REACTORS = frozenset({"abi_exerciser", "bench"})
 #: All guests, by stem.
 GUESTS = ("classify", "abi_exerciser", "bench", "probe", "chat", "stream", "embed",
-          "preinit_table", "preinit_nn")
+          "preinit_table", "preinit_nn", "classify_preinit")
 
 #: Guest stack size. zig's default (16 MiB) makes every guest start with 257
 #: pages of memory; 1 MiB keeps the initial memory at ~17 pages so that host
@@ -45,7 +45,7 @@ def _compile_command(src: Path, out: Path) -> list[str]:
     if src.stem in REACTORS:
         cmd.append("-mexec-model=reactor")
     cmd += ["-I", str(GUESTS_DIR), "-o", str(out), str(src)]
-    if src.stem == "classify":
+    if src.stem.startswith("classify"):
         cmd.append("-lm")
     return cmd
 
@@ -55,6 +55,7 @@ def _up_to_date(src: Path, out: Path) -> bool:
         return False
     out_mtime = out.stat().st_mtime
     deps = (src, HEADER, GUESTS_DIR / "ggml_common.h", GUESTS_DIR / "preinit.h",
+            GUESTS_DIR / "classify.c",
             Path(__file__).resolve())
     return all(dep.stat().st_mtime < out_mtime for dep in deps)
 

@@ -197,3 +197,26 @@ def test_sections_rewritten(guests: dict[str, Path], host: Host) -> None:
     assert done.find(DATA).payload != original.find(DATA).payload
     assert done.find(EXPORT).payload != original.find(EXPORT).payload
     assert done.memories()[0].minimum >= original.memories()[0].minimum
+
+
+def test_classify_preinit_matches_classify(guests: dict[str, Path],
+                                           example_assets: Path) -> None:
+    """The README's classifier, pre-initialized: the model bound by name and the labels read
+    during init; the same top-5 as the plain guest."""
+    model = f"eff:onnx:cpu:{example_assets / 'efficientnet-lite0' / 'model.onnx'}"
+    host = Host(models=[model], module_cache=False)
+    dirs = [f"{example_assets}:/data"]
+    args = ("eff", "/data/chelsea.ppm", "/data/imagenet_labels.txt")
+    try:
+        plain = bytearray()
+        assert host.run(guests["classify"], args, dirs=dirs, stdout=plain.extend) == 0
+        done = preinitialize(guests["classify_preinit"].read_bytes(), host, dirs=dirs,
+                             env={"CLASSIFY_MODEL": "eff",
+                                  "CLASSIFY_LABELS": "/data/imagenet_labels.txt"})
+        assert done.record == PreinitRecord((GraphBinding(0, "eff"),), 1)
+        warm = bytearray()
+        assert host.run(done.wasm, args, dirs=dirs, stdout=warm.extend) == 0
+    finally:
+        host.close()
+    assert warm == plain
+    assert plain.decode().startswith("1: Egyptian cat (class 285, p=0.4267)\n")
