@@ -13,8 +13,8 @@ import wasmtime
 from wasinn import Host
 from wasinn.preinit import (SECTION, GraphBinding, PreinitError, PreinitRecord, find_wizer,
                             preinitialize, read_record)
-from wasinn.preinit._wasm import (CODE, DATA, EXPORT, FUNCTION, GLOBAL, IMPORT, MEMORY, START,
-                                  TYPE, Module)
+from wasinn.preinit._wasm import (CODE, DATA, DATACOUNT, EXPORT, FUNCTION, GLOBAL, IMPORT, MEMORY, START,
+                                  TYPE, Module, uleb)
 
 #: what preinit_nn prints: x + y for x = 1..6, y = 10..60, on both graphs bound during init
 NN_OUTPUT = ["add (graph 0): 11 22 33 44 55 66", "add2 (graph 1): 11 22 33 44 55 66",
@@ -220,3 +220,53 @@ def test_classify_preinit_matches_classify(guests: dict[str, Path],
         host.close()
     assert warm == plain
     assert plain.decode().startswith("1: Egyptian cat (class 285, p=0.4267)\n")
+
+
+SNAPSHOT_WAT = """
+(module
+  (memory (export "memory") 1)
+  (global $count (mut i32) (i32.const 0))
+  (global $big (mut i64) (i64.const 0))
+  (global $half (mut f64) (f64.const 0))
+  (global $k i32 (i32.const 7))
+  (data $active (i32.const 16) "active")
+  (data $passive "passive")
+  (func $start (global.set $count (i32.add (global.get $count) (i32.const 1))))
+  (start $start)
+  (func (export "wizer.initialize")
+    (drop (memory.grow (i32.const 2)))
+    (memory.init $passive (i32.const 131072) (i32.const 0) (i32.const 7))
+    (i32.store (i32.const 65536) (i32.const 0x01020304))
+    (global.set $big (i64.const -5000000000))
+    (global.set $half (f64.const 0.5)))
+  (func (export "use_passive") (memory.init $passive (i32.const 64) (i32.const 0) (i32.const 7)))
+  (func (export "count") (result i32) (global.get $count))
+  (func (export "big") (result i64) (global.get $big))
+  (func (export "half") (result f64) (global.get $half)))
+"""
+
+
+def test_snapshot_of_globals_start_and_passive_data(host: Host) -> None:
+    wasm = wasmtime.wat2wasm(SNAPSHOT_WAT)
+    out = preinitialize(bytes(wasm), host, engine="wasinn").wasm
+    module = Module.parse(out)
+    assert module.find(START) is None  # it ran before the snapshot, and must not run again
+    assert module.memories()[0].minimum == 3
+    segments = module.data()
+    # the passive segment keeps its index (memory.init names it), the active one is emptied
+    assert [s.passive for s in segments[:2]] == [True, True]
+    assert segments[0].data == b"" and segments[1].data == b"passive"
+    assert module.find(DATACOUNT).payload == uleb(len(segments))
+    store = wasmtime.Store()
+    instance = wasmtime.Instance(store, wasmtime.Module(store.engine, out), [])
+    exports = instance.exports(store)
+    assert exports["count"](store) == 1
+    assert exports["big"](store) == -5000000000
+    assert exports["half"](store) == 0.5
+    memory = exports["memory"]
+    assert memory.read(store, 16, 22) == b"active"
+    assert memory.read(store, 65536, 65540) == b"\x04\x03\x02\x01"
+    assert memory.read(store, 131072, 131079) == b"passive"
+    exports["use_passive"](store)
+    assert memory.read(store, 64, 71) == b"passive"
+    assert "wizer.initialize" not in [e.name for e in module.exports()]
