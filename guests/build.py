@@ -6,6 +6,7 @@ repository root), or ``build_guests(out_dir)`` from Python.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ HEADER = GUESTS_DIR / "wasi_nn.h"
 REACTORS = frozenset({"abi_exerciser", "bench"})
 #: All guests, by stem.
 GUESTS = ("classify", "abi_exerciser", "bench", "probe", "chat", "stream", "embed",
-          "edge_classify", "edge_chat", "edge_test")
+          "edge_classify", "edge_chat", "edge_test",
+          "preinit_table", "preinit_nn", "classify_preinit")
 #: Guests that need libm.
-WITH_LIBM = frozenset({"classify", "edge_classify"})
+WITH_LIBM = frozenset({"classify", "edge_classify", "classify_preinit"})
 
 #: Guest stack size. zig's default (16 MiB) makes every guest start with 257
 #: pages of memory; 1 MiB keeps the initial memory at ~17 pages so that host
@@ -56,7 +58,10 @@ def _up_to_date(src: Path, out: Path) -> bool:
     if not out.exists():
         return False
     out_mtime = out.stat().st_mtime
-    deps = (src, *GUESTS_DIR.glob("*.h"), Path(__file__).resolve())
+    # every header, and any .c a guest includes (classify_preinit.c is classify.c + init)
+    included = re.findall(r'^#include "(\w+\.c)"', src.read_text(), re.M)
+    deps = (src, *GUESTS_DIR.glob("*.h"), *(GUESTS_DIR / name for name in included),
+            Path(__file__).resolve())
     return all(dep.stat().st_mtime < out_mtime for dep in deps)
 
 

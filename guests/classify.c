@@ -7,6 +7,10 @@
  * it is instead read as a file and passed to load (encoding onnx, target cpu).
  * IMAGE.ppm must be a binary P6 224x224 PPM with maxval 255.
  * Prints the top-5 classes as "%d: %s (class %d, p=%.4f)".
+ *
+ * Built as classify_preinit (CLASSIFY_PREINIT, guests/preinit.h), it can be
+ * pre-initialized: init loads $CLASSIFY_MODEL by name and reads the labels
+ * file $CLASSIFY_LABELS; main uses them when its arguments name the same.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,6 +92,30 @@ static char **load_labels(const char *path, size_t *count) {
     return lines;
 }
 
+#ifdef CLASSIFY_PREINIT
+#include "preinit.h"
+
+static const char *init_model, *init_labels_path;
+static graph init_graph;
+static char **init_labels;
+static size_t init_nlabels;
+
+/* Named graphs and files only: contexts can't be in a snapshot (the rule). */
+static void init(void) {
+    const char *model = getenv("CLASSIFY_MODEL");
+    const char *labels = getenv("CLASSIFY_LABELS");
+    if (model && wasi_nn_load_by_name(model, (uint32_t)strlen(model),
+                                      &init_graph) == 0)
+        init_model = strdup(model);
+    if (labels) {
+        init_labels = load_labels(labels, &init_nlabels);
+        init_labels_path = strdup(labels);
+    }
+}
+
+PREINIT(init)
+#endif
+
 static int ends_with(const char *s, const char *suffix) {
     size_t ls = strlen(s), lx = strlen(suffix);
     return ls >= lx && strcmp(s + ls - lx, suffix) == 0;
@@ -102,9 +130,22 @@ int main(int argc, char **argv) {
     const char *model = argv[1];
     float *input = load_ppm(argv[2]);
     size_t nlabels;
-    char **labels = load_labels(argv[3], &nlabels);
-
+    char **labels;
     graph g = 0;
+#ifdef CLASSIFY_PREINIT
+    preinit_ensure();
+    if (init_labels_path && strcmp(argv[3], init_labels_path) == 0) {
+        labels = init_labels;
+        nlabels = init_nlabels;
+    } else
+#endif
+        labels = load_labels(argv[3], &nlabels);
+
+#ifdef CLASSIFY_PREINIT
+    if (init_model && strcmp(model, init_model) == 0)
+        g = init_graph;
+    else
+#endif
     if (ends_with(model, ".onnx")) {
         size_t mlen;
         unsigned char *bytes = read_file(model, &mlen);

@@ -1,4 +1,5 @@
 """`wasinn run [options] MODULE.wasm [ARGS...]`: run a WASI command with wasi-nn.
+`wasinn preinit MODULE.wasm -o OUT.wasm`: snapshot a guest after its `wizer.initialize`.
 `wasinn serve [options]`: serve the named models over OpenAI's HTTP API.
 `wasinn cache eval DATASET`: the semantic cache's precision, recall and latency on labelled pairs.
 
@@ -82,7 +83,66 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     _add_serve(commands)
     _add_cache(commands)
+    _add_preinit(commands)
     return parser
+
+
+def _add_preinit(commands: argparse._SubParsersAction) -> None:
+    pre = commands.add_parser(
+        "preinit", help="pre-initialize a guest that exports wizer.initialize",
+        description="Run MODULE.wasm's init function once and write OUT.wasm, whose memory and "
+                    "globals start from that snapshot. During init, wasi-nn graphs may be "
+                    "loaded by name only; OUT.wasm then needs the same model names wherever "
+                    "it runs.")
+    pre.add_argument("module", type=Path, metavar="MODULE.wasm")
+    pre.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.wasm")
+    pre.add_argument("--init-func", default="wizer.initialize", metavar="NAME",
+                     help="the export to run (default wizer.initialize)")
+    pre.add_argument("--engine", choices=("auto", "wizer", "wasinn"), default="auto",
+                     help="wizer: the real Wizer (WASI-only inits); wasinn: ours (wasi-nn "
+                          "load_by_name allowed); auto: Wizer unless the module imports "
+                          "wasi-nn or --env is given (default)")
+    pre.add_argument("--config", type=Path, help="TOML file, as `wasinn run`'s")
+    pre.add_argument("--nn-preload", action="append", default=[],
+                     metavar="NAME:ENC:TARGET:PATH", help="offer a named model during init")
+    pre.add_argument("--nn-graph", action="append", default=[], metavar="ENCODING::DIR",
+                     help="offer the model in DIR during init, named after DIR")
+    pre.add_argument("--dir", action="append", default=[], metavar="HOST[:GUEST]",
+                     help="preopen a host directory during init")
+    pre.add_argument("--env", action="append", default=[], metavar="K=V",
+                     help="set an environment variable during init")
+    pre.add_argument("--threads", type=int, help="threads per inference (backend intra-op)")
+    pre.add_argument("-v", "--verbose", action="store_true", help="log every wasi-nn errno")
+    pre.set_defaults(max_memory=None, timeout=None, max_tensor_bytes=None, cache_dir=None,
+                     no_cache=True)
+
+
+def preinit_main(args: argparse.Namespace) -> int:
+    from .preinit import PreinitError, preinitialize
+
+    try:
+        args = merge_config(args)
+        env = _env(args.env)
+        dirs = [Preopen.parse(d) for d in args.dir]
+        wasm = args.module.read_bytes()
+        host = host_from_args(args)
+    except (ConfigError, OSError) as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        done = preinitialize(wasm, host, engine=args.engine, init_func=args.init_func,
+                             env=env, dirs=dirs)
+        args.output.write_bytes(done.wasm)
+    except (PreinitError, WasiNnError, OSError) as e:
+        print(f"wasinn: {e}", file=sys.stderr)
+        return 1
+    finally:
+        host.close()
+    graphs = "" if done.record is None else \
+        f", graphs bound: {', '.join(f'{g.handle}={g.name}' for g in done.record.graphs) or 'none'}"
+    print(f"wasinn: pre-initialized {args.module} with {done.engine} -> {args.output} "
+          f"({len(done.wasm):,} bytes{graphs})", file=sys.stderr)
+    return 0
 
 
 SERVE_HOST = "127.0.0.1"
@@ -613,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(args)
     if args.command == "cache":
         return cache_eval_main(args)
+    if args.command == "preinit":
+        return preinit_main(args)
     try:
         args = merge_config(args)
         host = host_from_args(args)
@@ -634,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except wasmtime.Trap as e:
         print(f"wasinn: the guest trapped: {e}", file=sys.stderr)
         return EXIT_TRAP
-    except (wasmtime.WasmtimeError, ValueError) as e:
+    except (wasmtime.WasmtimeError, ValueError) as e:  # PreinitError (a model not offered) too
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:

@@ -18,7 +18,9 @@ from .abi import Limits, NnState, WitxAbi
 from ._native import FastPath
 from .abi._raw import store_key
 from .backends import Backends
+from .errors import WasiNnError
 from .modcache import ModuleCache
+from .preinit._record import PreinitError, PreinitRecord, read_record
 from .registry import ModelSpec, Progress, Registry
 from .tensor import GraphEncoding
 
@@ -84,6 +86,9 @@ class Host:
         self._native: bool | None = native
         self._ticker = _EpochTicker(engine)
         self._run_linker: wasmtime.Linker | None = None  # store-independent, so made once
+        # the preinit record of each module this host compiled, read once with its bytes
+        self._records: weakref.WeakKeyDictionary[wasmtime.Module, PreinitRecord] = \
+            weakref.WeakKeyDictionary()
 
     # --- models ---------------------------------------------------------------------------
 
@@ -111,16 +116,21 @@ class Host:
             self._abi.fast = FastPath.create()
         self._native = None  # decided
 
-    def add_to_store(self, store: wasmtime.Store) -> NnState:
+    def add_to_store(self, store: wasmtime.Store,
+                     preinit: PreinitRecord | None = None) -> NnState:
         """Give `store` its own wasi-nn handles and this host's limits. Call once per Store.
 
         Every Store on `host.engine` needs this (or comes from `host.store()`): the engine
         runs with epoch interruption for timeouts, and this also sets the store's deadline.
+        `preinit` (from `host.preinit_record(module)`) binds the graph handles a pre-initialized
+        module's snapshot holds, to the same named models; PreinitError if one is not offered.
         """
         self._start_native()
         key = store_key(store)
         state = NnState(self.registry, self.backends, self.limits, fast=self._abi.fast,
                         store_key=key)
+        if preinit is not None:
+            _bind_preinit(state, preinit)
         self._states[key] = state
         weakref.finalize(store, self._forget, key, state)
         if self.max_memory is not None:
@@ -151,8 +161,19 @@ class Host:
         return store
 
     def compile(self, module: str | os.PathLike[str] | bytes) -> wasmtime.Module:
-        """Compile a module, or take it from the on-disk cache of compiled modules."""
-        return self.modules.load(module)
+        """Compile a module, or take it from the on-disk cache of compiled modules. A
+        pre-initialized module's record is read here, once: see `preinit_record`."""
+        wasm = module if isinstance(module, bytes) else Path(module).read_bytes()
+        record = read_record(wasm)
+        compiled = self.modules.load(wasm)
+        if record is not None:
+            self._records[compiled] = record
+        return compiled
+
+    def preinit_record(self, module: wasmtime.Module) -> PreinitRecord | None:
+        """The graphs a pre-initialized module (compiled by `compile`) expects bound at
+        instantiation, for `add_to_store(store, preinit=...)`; None for other modules."""
+        return self._records.get(module)
 
     # --- running a command module in one call ---------------------------------------------
 
@@ -181,7 +202,7 @@ class Host:
         _set_output(wasi, "stderr", stderr)
         store = wasmtime.Store(self.engine)
         store.set_wasi(wasi)
-        state = self.add_to_store(store)
+        state = self.add_to_store(store, preinit=self.preinit_record(compiled))
         if self._run_linker is None:
             self._run_linker = self.linker()
         linker = self._run_linker
@@ -206,6 +227,17 @@ class Host:
     def close(self) -> None:
         self._ticker.stop()
         self.registry.close()
+
+
+def _bind_preinit(state: NnState, record: PreinitRecord) -> None:
+    for binding in record.graphs:
+        try:
+            state.bind_named(binding.handle, binding.name, binding.config)
+        except WasiNnError as e:
+            state.close()
+            raise PreinitError(f"the module was pre-initialized with model {binding.name!r} as "
+                               f"graph {binding.handle}, and it cannot be bound here: {e}") from None
+    state.next_graph = record.next_graph
 
 
 def _set_input(wasi: wasmtime.WasiConfig, stdin: str | os.PathLike[str] | None) -> None:

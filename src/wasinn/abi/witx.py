@@ -20,7 +20,8 @@ import wasmtime
 
 from ..backends import Backends, ExecutionContext, Graph
 from .._json import json_object
-from ..errors import BackendError, Errno, InvalidArgument, MissingMemory, TooLarge, WasiNnError
+from ..errors import (BackendError, Errno, InvalidArgument, MissingMemory, TooLarge,
+                      UnsupportedOperation, WasiNnError)
 from ..registry import Registry
 from .._native import FastPath
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
@@ -80,6 +81,29 @@ class NnState:
         if buffer is None or buffer.nbytes != nbytes or buffer.dtype != dtype:
             buffer = buffers[index] = np.empty(nbytes // dtype.itemsize, dtype)
         return buffer
+
+    #: set while a guest is being pre-initialized: the calls refused because a snapshot could
+    #: not keep the host state they make (execution contexts, graphs loaded from bytes)
+    snapshot_refusals: list[str] | None = None
+
+    def refuse_in_snapshot(self, call: str, why: str) -> None:
+        if self.snapshot_refusals is not None:
+            self.snapshot_refusals.append(call)
+            raise UnsupportedOperation(f"{call} cannot run during pre-initialization: {why}")
+
+    def named_graphs(self) -> list[tuple[int, str, dict[str, Any] | None]]:
+        """(handle, name, config) of every graph held, all loaded by name."""
+        by_handle = {handle: name for name, handle in self.graph_by_name.items()}
+        return [(handle, by_handle[handle], self.graph_configs.get(handle))
+                for handle in sorted(self.graphs)]
+
+    def bind_named(self, handle: int, name: str, config: dict[str, Any] | None = None) -> None:
+        """Make `handle` the registry's model `name`, as load_by_name(_with_config) made it in
+        a pre-initialized snapshot. Raises NotFound when the host offers no such model."""
+        self.graphs[handle] = self.registry.get(name)
+        self.graph_by_name[name] = handle
+        if config is not None:
+            self.graph_configs[handle] = config
 
     def add_graph(self, graph: Graph) -> int:
         if len(self.graphs) >= self.limits.max_graphs:
@@ -203,6 +227,8 @@ class WitxAbi:
 
     def load(self, state: NnState, call: _Call, builders_ptr: int, builders_len: int,
              encoding: int, target: int, graph_out: int) -> int:
+        state.refuse_in_snapshot("load", "a graph built from bytes lives in this host only; "
+                                 "load it by name (load_by_name) instead")
         mem = call.memory()
         if builders_len == 0 or builders_len > _MAX_BUILDERS:
             raise InvalidArgument(f"load takes 1..{_MAX_BUILDERS} builders, got {builders_len}")
@@ -258,6 +284,8 @@ class WitxAbi:
     # --- execution contexts ---------------------------------------------------------------
 
     def init_execution_context(self, state: NnState, call: _Call, graph: int, ctx_out: int) -> int:
+        state.refuse_in_snapshot("init_execution_context", "an execution context lives in "
+                                 "this host only; make it after pre-initialization (in main)")
         mem = call.memory()
         model = state.graph(graph)
         mem.check(ctx_out, 4)
