@@ -12,11 +12,18 @@
  * (default efficientnet-lite0); LABELS, a file of class names, one a line
  * (default /data/imagenet_labels.txt; without it "label" is null).
  * A body that is not such an image: 400 with the reason.
+ *
+ * Pre-initializable (guests/preinit.h): the init loads the model by name and
+ * reads the labels, so `wasinn preinit` (with the same MODEL and LABELS) makes
+ * a module whose every instance starts with both; a request naming another
+ * model or labels file still gets them, loaded then.
  */
 #include <stdint.h>
+#include <string.h>
 
 #include "cgi.h"
 #include "image.h"
+#include "preinit.h"
 #include "wasi_nn.h"
 
 #define NCLASSES 1000
@@ -43,8 +50,32 @@ static char **load_labels(const char *path, size_t *count) {
     return split_lines(text, len, count);
 }
 
-int main(void) {
-    const char *model = cgi_env("MODEL", "efficientnet-lite0");
+#define DEFAULT_MODEL "efficientnet-lite0"
+#define DEFAULT_LABELS "/data/imagenet_labels.txt"
+
+/* What init left: the graph, the labels, and the names they were made from. */
+static char *init_model, *init_labels_path;
+static graph init_graph;
+static char **init_labels;
+static size_t init_nlabels;
+
+/* Named graphs and files only: contexts cannot be in a snapshot (the rule). */
+static void init(void) {
+    const char *model = cgi_env("MODEL", DEFAULT_MODEL);
+    const char *labels = cgi_env("LABELS", DEFAULT_LABELS);
+    if (wasi_nn_load_by_name(model, (uint32_t)strlen(model), &init_graph) == 0)
+        init_model = strdup(model);
+    init_labels = load_labels(labels, &init_nlabels);
+    init_labels_path = strdup(labels);
+}
+
+PREINIT(init)
+
+int main(int argc, char **argv) {
+    (void)argc; /* WAGI passes the module's name only */
+    (void)argv;
+    preinit_ensure();
+    const char *model = cgi_env("MODEL", DEFAULT_MODEL);
     size_t len;
     unsigned char *body = read_all(stdin, &len);
     if (!body)
@@ -62,9 +93,10 @@ int main(void) {
     image_normalize(rgb, input);
     free(body);
 
-    graph g = 0;
-    nn_check("load_by_name",
-             wasi_nn_load_by_name(model, (uint32_t)strlen(model), &g));
+    graph g = init_graph;
+    if (!init_model || strcmp(model, init_model) != 0)
+        nn_check("load_by_name",
+                 wasi_nn_load_by_name(model, (uint32_t)strlen(model), &g));
     graph_execution_context ctx = 0;
     nn_check("init_execution_context",
              wasi_nn_init_execution_context(g, &ctx));
@@ -86,9 +118,11 @@ int main(void) {
     if (n == 0)
         cgi_fail("500 Internal Server Error", "the model gave no scores");
 
-    size_t nlabels = 0;
-    char **labels = load_labels(cgi_env("LABELS", "/data/imagenet_labels.txt"),
-                                &nlabels);
+    const char *labels_path = cgi_env("LABELS", DEFAULT_LABELS);
+    size_t nlabels = init_nlabels;
+    char **labels = init_labels;
+    if (!init_labels_path || strcmp(labels_path, init_labels_path) != 0)
+        labels = load_labels(labels_path, &nlabels);
     static double prob[NCLASSES];
     size_t best[TOPK];
     size_t k = top_k(out, n, TOPK, prob, best);

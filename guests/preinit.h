@@ -5,6 +5,9 @@
  *   PREINIT(init)
  *   int main(int argc, char **argv) { preinit_ensure(); ... }
  *
+ * main must take (argc, argv): with `int main(void)` this header's module
+ * traps at start (measured with the ziglang 0.17 wheel's wasi-libc).
+ *
  * The pattern is Wizer's own (wizer.h): `wizer.initialize` runs the C
  * constructors and then `init`; the snapshot keeps the memory they leave.
  * `wizer.resume` becomes the snapshot's `_start` (wasinn preinit renames it,

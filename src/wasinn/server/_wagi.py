@@ -28,6 +28,7 @@ import wasmtime
 from .. import __version__
 from ..abi._raw import store_key
 from ..host import Host, Preopen
+from ..preinit import PreinitError
 
 log = logging.getLogger("wasinn.server")
 
@@ -161,6 +162,13 @@ class WagiRoute:
         self.module = host.compile(self.module_path)
         if not any(e.name == "_start" for e in self.module.exports):
             raise ValueError(f"{self.module_path}: not a WASI command (no _start export)")
+        # a pre-initialized module's graph handles, bound again in every request's store
+        self._preinit = host.preinit_record(self.module)
+        if self._preinit is not None:
+            missing = [b.name for b in self._preinit.graphs if b.name not in host.registry.names()]
+            if missing:
+                raise ValueError(f"{self.module_path} was pre-initialized with model(s) "
+                                 f"{', '.join(missing)}, which this host does not offer")
         self._held = _Held()
         self._linker = host.linker()
         # resolved now: a module importing what the host lacks fails at start-up, not per call
@@ -209,7 +217,7 @@ class WagiRoute:
                 store.set_wasi(self._wasi(request, stdin, stdout, stderr))
             finally:
                 os.unlink(stdin)  # WASI opened it already: the name can go
-            state = host.add_to_store(store)
+            state = host.add_to_store(store, preinit=self._preinit)
             if self.max_memory is not None:
                 store.set_limits(memory_size=self.max_memory)
             setup = time.perf_counter()
@@ -226,6 +234,9 @@ class WagiRoute:
                                     stderr, timings)
             return self._failed(500, f"the guest trapped: {_cause(str(e))}", stderr,
                                 timings)
+        except PreinitError as e:  # a snapshot's model that could not load
+            return self._failed(500, f"the guest could not start: {e}", stderr,
+                                {"total": time.perf_counter() - start})
         except wasmtime.WasmtimeError as e:  # e.g. instantiation over the memory limit
             return self._failed(500, f"the guest could not start: {_cause(str(e))}",
                                 stderr, {"total": time.perf_counter() - start})
