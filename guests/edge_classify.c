@@ -77,7 +77,8 @@ int main(int argc, char **argv) {
     preinit_ensure();
     const char *model = cgi_env("MODEL", DEFAULT_MODEL);
     size_t len;
-    unsigned char *body = read_all(stdin, &len);
+    const char *length = cgi_env("CONTENT_LENGTH", "");
+    unsigned char *body = read_all_hinted(stdin, (size_t)strtoul(length, NULL, 10), &len);
     if (!body)
         cgi_fail("500 Internal Server Error", "cannot read the request body");
     ppm_t img;

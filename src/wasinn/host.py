@@ -68,6 +68,10 @@ class Host:
         if engine is None:
             config = wasmtime.Config()
             config.epoch_interruption = True
+            # a pre-initialized snapshot keeps its heap above the zeroed statics: as one
+            # copy-on-write image, each first write to them copies a page (a fresh instance
+            # of the edge classifier ran 0.6 ms slower); copying the data segments is cheaper
+            config.memory_init_cow = False
             engine = wasmtime.Engine(config)
         self.engine = engine
         self.backends = Backends(threads=threads, options=backend_options)

@@ -366,6 +366,8 @@ class WitxAbi:
                 output = context.get_output(index)
             except WasiNnError:
                 output = None  # the guest's own get_output will hear why
+            if output is state.output_pins.get((ctx, index)):
+                continue  # computed in place (onnx): C's registration holds as it is
             if not state.pin_output(ctx, index, output):
                 state.forget_output(ctx, index)
         return 0

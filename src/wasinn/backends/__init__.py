@@ -22,7 +22,8 @@ class ExecutionContext(Protocol):
     def compute(self) -> None: ...
 
     def get_output(self, index: int) -> np.ndarray | bytes:
-        """The output as bytes or a C-contiguous array: its bytes are what the guest receives."""
+        """The output as bytes or a C-contiguous array: its bytes are what the guest receives.
+        An array may be rewritten in place by the next compute (onnx does): copy to keep it."""
         ...
 
     def compute_single(self) -> None: ...
