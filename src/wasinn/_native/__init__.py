@@ -31,8 +31,10 @@ _u32, _u64, _i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
 #: the signature of a wasmtime unchecked host function (and of fastpath.c's handlers)
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _c, _c, _c, ctypes.c_size_t)
 _KIND_INPUT, _KIND_OUTPUT = 1, 2
-#: the handlers fastpath.c serves, by witx name
+#: the functions fastpath.c serves itself when it can, by witx name (the rest: fp_call)
 SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output"}
+#: how fastpath.c calls a Python handler: (caller, store context, 8 x u32) -> errno
+HANDLER = ctypes.CFUNCTYPE(ctypes.c_int32, _c, _c, *([_u32] * 8))
 
 
 def _library_path() -> Path:
@@ -108,18 +110,16 @@ class FastPath:
                            ffi.WASMTIME_EXTERN_MEMORY.value)
         return cls(lib, table) if table else None
 
-    def handler(self, name: str, slow: object, slow_env: int, slow_finalize: object
+    def handler(self, name: str, handler: object, handler_id: int, finalize: object
                 ) -> tuple[object, int, object] | None:
-        """(callback, env, finalizer) for defining `name` in C, its misses going to `slow`
-        (the Python trampoline, with `slow_env`; `slow_finalize(slow_env)` when the function
-        is dropped); None if C does not serve `name`."""
-        symbol = SERVED.get(name)
-        if symbol is None:
-            return None
-        env = self._lib.fp_func_env(self._table, ctypes.cast(slow, _c), slow_env,
-                                    ctypes.cast(slow_finalize, _c))
+        """(callback, env, finalizer) for defining `name` in C: its calls (or, for set_input
+        and get_output, those C cannot serve) go to `handler`, a HANDLER function pointer;
+        `finalize(handler_id)` runs when wasmtime drops the function. None if out of memory."""
+        env = self._lib.fp_func_env(self._table, ctypes.cast(handler, _c), handler_id,
+                                    ctypes.cast(finalize, _c))
         if not env:
             return None
+        symbol = SERVED.get(name, "fp_call")
         callback = ctypes.cast(getattr(self._lib, symbol), ffi.wasmtime_func_unchecked_callback_t)
         finalizer = ctypes.cast(self._lib.fp_func_env_free, ctypes.CFUNCTYPE(None, _c))
         return callback, env, finalizer

@@ -13,7 +13,8 @@
  * here; anything else (a new shape, a bad handle, a buffer too small, an unknown store) goes to
  * the Python handler, which answers errnos and messages. So this file only copies bytes between
  * bounds-checked guest ranges and registered host ranges; Python drops a registration before
- * the host range it names can go away.
+ * the host range it names can go away. Every other wasi-nn function goes to Python through
+ * `fp_call`, which unpacks the arguments here (cheaper than in Python, after a cold cache).
  */
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -32,8 +33,11 @@ typedef void *(*caller_context_fn)(void *caller);
 typedef bool (*caller_export_get_fn)(void *caller, const char *name, size_t len, void *item);
 typedef uint8_t *(*memory_data_fn)(void *context, const void *memory);
 typedef size_t (*memory_data_size_fn)(void *context, const void *memory);
-/* wasmtime_func_unchecked_callback_t; the Python trampoline has the same signature */
-typedef void *(*callback_fn)(void *env, void *caller, void *args, size_t nargs);
+/* The Python handler of a wasi-nn function: (caller, store context, up to 8 u32
+ * arguments, the rest 0) -> errno. Unpacking here spares Python three ctypes calls. */
+typedef int32_t (*handler_fn)(void *caller, void *context, uint32_t, uint32_t, uint32_t,
+                              uint32_t, uint32_t, uint32_t, uint32_t, uint32_t);
+#define MAX_ARGS 8
 
 typedef struct {
     uint64_t store;  /* the store context's address; 0: free slot */
@@ -58,9 +62,9 @@ typedef struct {
 /* one per defined function: its table and the Python handler that serves misses */
 typedef struct {
     table *t;
-    callback_fn slow;
-    void *slow_env;
-    void (*slow_finalize)(void *env);
+    handler_fn handler;
+    void *handler_id;
+    void (*finalize)(void *handler_id); /* Python's: the handler may go */
 } func_env;
 
 static void lock(table *t) {
@@ -95,23 +99,23 @@ void fp_release(table *t) {
         free(t);
 }
 
-func_env *fp_func_env(table *t, void *slow, void *slow_env, void *slow_finalize) {
+func_env *fp_func_env(table *t, void *handler, void *handler_id, void *finalize) {
     func_env *f = malloc(sizeof(func_env));
     if (f == NULL)
         return NULL;
     atomic_fetch_add(&t->refs, 1);
     f->t = t;
-    f->slow = (callback_fn)slow;
-    f->slow_env = slow_env;
-    f->slow_finalize = (void (*)(void *))slow_finalize;
+    f->handler = (handler_fn)handler;
+    f->handler_id = handler_id;
+    f->finalize = (void (*)(void *))finalize;
     return f;
 }
 
 /* wasmtime's finalizer for a function's env: the linker that held the function is gone */
 void fp_func_env_free(void *env) {
     func_env *f = env;
-    if (f->slow_finalize != NULL)
-        f->slow_finalize(f->slow_env);
+    if (f->finalize != NULL)
+        f->finalize(f->handler_id);
     fp_release(f->t);
     free(f);
 }
@@ -217,31 +221,49 @@ static void *hit(table *t, void *args) {
     return NULL;
 }
 
-static void *miss(func_env *f, void *caller, void *args, size_t nargs) {
+/* Python answers: the arguments as u32, the errno into the first slot. */
+static void *call_python(func_env *f, void *caller, void *context, void *args, size_t nargs) {
+    uint32_t a[MAX_ARGS] = {0};
+    for (size_t i = 0; i < nargs && i < MAX_ARGS; i++)
+        a[i] = arg(args, i);
+    if (context == NULL)
+        context = f->t->caller_context(caller);
+    int32_t errno_ = f->handler(caller, context, a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+                                a[7]);
+    memcpy(args, &errno_, sizeof errno_);
+    return NULL; /* never a trap: a guest's mistake is an errno */
+}
+
+static void *miss(func_env *f, void *caller, void *context, void *args, size_t nargs) {
     lock(f->t);
     f->t->misses++;
     unlock(f->t);
-    return f->slow(f->slow_env, caller, args, nargs);
+    return call_python(f, caller, context, args, nargs);
+}
+
+/* every other wasi-nn function: straight to Python */
+void *fp_call(void *env, void *caller, void *args, size_t nargs) {
+    return call_python(env, caller, NULL, args, nargs);
 }
 
 /* set_input(ctx, index, tensor_ptr) -> errno */
 void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
     func_env *f = env;
     table *t = f->t;
-    if (nargs < 3)
-        return miss(f, caller, args, nargs);
-    uint32_t ctx = arg(args, 0), index = arg(args, 1), tensor_ptr = arg(args, 2);
     void *context = t->caller_context(caller);
+    if (nargs < 3)
+        return miss(f, caller, context, args, nargs);
+    uint32_t ctx = arg(args, 0), index = arg(args, 1), tensor_ptr = arg(args, 2);
     memory m;
     if (context == NULL || !caller_memory(t, caller, context, &m) || !inside(&m, tensor_ptr, 20))
-        return miss(f, caller, args, nargs);
+        return miss(f, caller, context, args, nargs);
     uint32_t header[5]; /* dims_ptr, dims_len, type (low byte), data_ptr, data_len */
     memcpy(header, m.base + tensor_ptr, sizeof header);
     uint32_t dims_ptr = header[0], dims_len = header[1], type = header[2] & 0xff;
     uint32_t data_ptr = header[3], data_len = header[4];
     if (dims_len > MAX_DIMS || !inside(&m, dims_ptr, (uint64_t)dims_len * 4) ||
         !inside(&m, data_ptr, data_len))
-        return miss(f, caller, args, nargs);
+        return miss(f, caller, context, args, nargs);
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_INPUT);
@@ -252,21 +274,21 @@ void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
         served = true;
     }
     unlock(t);
-    return served ? hit(t, args) : miss(f, caller, args, nargs);
+    return served ? hit(t, args) : miss(f, caller, context, args, nargs);
 }
 
 /* get_output(ctx, index, out_ptr, out_max, written_ptr) -> errno */
 void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
     func_env *f = env;
     table *t = f->t;
+    void *context = t->caller_context(caller);
     if (nargs < 5)
-        return miss(f, caller, args, nargs);
+        return miss(f, caller, context, args, nargs);
     uint32_t ctx = arg(args, 0), index = arg(args, 1), out_ptr = arg(args, 2);
     uint32_t out_max = arg(args, 3), written_ptr = arg(args, 4);
-    void *context = t->caller_context(caller);
     memory m;
     if (context == NULL || !caller_memory(t, caller, context, &m) || !inside(&m, written_ptr, 4))
-        return miss(f, caller, args, nargs);
+        return miss(f, caller, context, args, nargs);
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_OUTPUT);
@@ -276,5 +298,5 @@ void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
         served = true;
     }
     unlock(t);
-    return served ? hit(t, args) : miss(f, caller, args, nargs);
+    return served ? hit(t, args) : miss(f, caller, context, args, nargs);
 }

@@ -16,9 +16,10 @@ from collections.abc import Callable
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from .._native import FastPath
+from .._native import HANDLER, FastPath
 
-# Raw host function: (caller address, *u32 args) -> i32 result. It must not raise.
+# Raw host function: (caller address, store context address, *u32 args) -> i32 result.
+# It must not raise.
 RawHandler = Callable[..., int]
 
 _VAL_RAW_SIZE = ctypes.sizeof(ffi.wasmtime_val_raw_t)
@@ -44,7 +45,8 @@ _ids = itertools.count(1)
 
 @ctypes.CFUNCTYPE(ctypes.c_size_t, _c, _c, _c, ctypes.c_size_t)
 def _trampoline(env: int, caller: int, values: int, count: int) -> int:
-    result = _handlers[env](caller, *_UNPACK[count](ctypes.string_at(values, count * _VAL_RAW_SIZE)))
+    result = _handlers[env](caller, _caller_context(caller) or 0,
+                            *_UNPACK[count](ctypes.string_at(values, count * _VAL_RAW_SIZE)))
     ctypes.memmove(values, _RESULT.pack(result), 4)
     return 0  # no trap
 
@@ -52,6 +54,11 @@ def _trampoline(env: int, caller: int, values: int, count: int) -> int:
 @ctypes.CFUNCTYPE(None, _c)
 def _finalize(env: int) -> None:
     _handlers.pop(env, None)
+    _native_handlers.pop(env, None)
+
+
+# The C-callable forms of handlers defined through the native path, alive as long as theirs.
+_native_handlers: dict[int, object] = {}
 
 
 def define_i32_func(linker: wasmtime.Linker, module: str, name: str, arity: int,
@@ -66,7 +73,15 @@ def define_i32_func(linker: wasmtime.Linker, module: str, name: str, arity: int,
     _handlers[handle] = handler
     callback = ctypes.cast(_trampoline, ffi.wasmtime_func_unchecked_callback_t)
     env, finalizer = handle, ctypes.cast(_finalize, ctypes.CFUNCTYPE(None, _c))
-    native = None if fast is None else fast.handler(name, _trampoline, handle, _finalize)
+    native = None
+    if fast is not None:
+        def from_c(caller: int | None, context: int | None, *args: int) -> int:
+            return handler(caller or 0, context or 0, *args[:arity])
+
+        _native_handlers[handle] = c_handler = HANDLER(from_c)
+        native = fast.handler(name, c_handler, handle, _finalize)
+        if native is None:
+            _native_handlers.pop(handle, None)
     if native is not None:
         callback, env, finalizer = native
     module_bytes, name_bytes = module.encode(), name.encode()

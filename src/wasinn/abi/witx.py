@@ -25,7 +25,7 @@ from ..errors import (BackendError, Errno, InvalidArgument, MissingMemory, TooLa
 from ..registry import Registry
 from .._native import FastPath
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
-from ._raw import caller_context, caller_memory, define_i32_func
+from ._raw import caller_memory, define_i32_func
 
 MODULE = "wasi_ephemeral_nn"
 log = logging.getLogger("wasinn")
@@ -421,8 +421,7 @@ class WitxAbi:
         method = getattr(self, name)
         state_of = self._state_of
 
-        def guarded(caller: int, *args: int) -> int:
-            context = caller_context(caller)
+        def guarded(caller: int, context: int, *args: int) -> int:
             state = state_of(context)
             try:
                 if state is None:
