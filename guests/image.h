@@ -26,8 +26,9 @@ static const float IMG_MEAN[3] = {0.485f, 0.456f, 0.406f};
 static const float IMG_STD[3] = {0.229f, 0.224f, 0.225f};
 
 /* Read f to its end into a malloc'd buffer; NULL on a read error or OOM.
- * `hint`, the expected size (0: unknown), only sizes the first read: each
- * read is a host call, so with the size known it takes one and the EOF. */
+ * `hint`, the size announced (CGI's CONTENT_LENGTH; 0: unknown): reading
+ * stops once that many bytes came. Each read is a host call (tens of us), so
+ * with the size known it takes one. */
 IMG_HELPER unsigned char *read_all_hinted(FILE *f, size_t hint, size_t *len_out) {
     size_t cap = (hint && hint < ((size_t)1 << 26)) ? hint + 1 : (size_t)1 << 16;
     size_t len = 0;
@@ -46,6 +47,8 @@ IMG_HELPER unsigned char *read_all_hinted(FILE *f, size_t hint, size_t *len_out)
         }
         size_t n = fread(buf + len, 1, cap - len, f);
         len += n;
+        if (hint && len == hint)
+            break; /* all that was announced: no read for the EOF */
         if (n == 0) {
             if (ferror(f)) {
                 free(buf);

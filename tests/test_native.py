@@ -186,3 +186,18 @@ def test_unregistered_store_never_served(host, module):
     errno = e.raw("set_input", 0, 0, e.put_tensor([2, 3], F32, bytes(24)))
     assert errno == Errno.RUNTIME_ERROR  # "this Store was not given to Host.add_to_store"
     assert isinstance(e.store, wasmtime.Store)
+
+
+def test_a_refused_tensor_leaves_the_input_set_before(host, ex):
+    """Same byte length, other dims: the backend refuses it, and what compute reads is still
+    the input registered before (C never copies a call that was not accepted as it is)."""
+    ctx = add_context(ex)
+    x, y, z = add_inputs()
+    add_round(ex, ctx, x, y)
+    assert ex.set_input(ctx, 0, F32, np.full((3, 2), 7.0, np.float32)) == Errno.INVALID_ARGUMENT
+    assert ex.set_input(ctx, 0, F32, np.full((3, 2), 7.0, np.float32),
+                        dims=(3, 2)) == Errno.INVALID_ARGUMENT  # again: still refused
+    assert ex.raw("compute", ctx) == SUCCESS
+    errno, data, _ = ex.get_output(ctx, 0, z.nbytes)
+    assert errno == SUCCESS and data == z.tobytes()
+    assert np.array_equal(add_round(ex, ctx, x * 2, y), x * 2 + y)  # and the loop goes on

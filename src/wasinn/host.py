@@ -15,6 +15,7 @@ from typing import Any
 import wasmtime
 
 from .abi import Limits, NnState, WitxAbi
+from .abi.witx import BufferPool
 from ._native import FastPath
 from .abi._raw import store_key
 from .backends import Backends
@@ -85,6 +86,7 @@ class Host:
         self.modules = ModuleCache(engine, cache_dir, enabled=module_cache is not False)
         self._states: dict[int, NnState] = {}
         self._abi = WitxAbi(self._states.get)
+        self._buffers = BufferPool()
         # a guest's repeated set_input / get_output served in C when zig can build it; made
         # with the first Linker or Store, so a Host that runs no guest never builds it
         self._native: bool | None = native
@@ -132,7 +134,7 @@ class Host:
         self._start_native()
         key = store_key(store)
         state = NnState(self.registry, self.backends, self.limits, fast=self._abi.fast,
-                        store_key=key)
+                        store_key=key, buffer_pool=self._buffers)
         if preinit is not None:
             _bind_preinit(state, preinit)
         self._states[key] = state

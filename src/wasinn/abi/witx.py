@@ -11,7 +11,8 @@ import ctypes
 import logging
 import math
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,8 @@ from ..backends import Backends, ExecutionContext, Graph
 from .._json import json_object
 from ..errors import (BackendError, Errno, InvalidArgument, MissingMemory, TooLarge,
                       UnsupportedOperation, WasiNnError)
-from ..registry import Registry
 from .._native import FastPath
+from ..registry import Registry
 from ..tensor import ExecutionTarget, Tensor, TensorType, resolve_tensor_type
 from ._raw import caller_memory, define_i32_func
 
@@ -48,6 +49,28 @@ class Limits:
     max_tensor_bytes: int = 1 << 30
     max_graphs: int = _MAX_GRAPHS
     max_contexts: int = _MAX_CONTEXTS
+
+
+class BufferPool:
+    """Input buffers kept for reuse, by size and dtype, at most `keep` of each."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._keep = keep
+        self._free: dict[tuple[int, str], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int, dtype: np.dtype) -> np.ndarray:
+        with self._lock:
+            free = self._free.get((nbytes, dtype.str))
+            if free:
+                return free.pop()
+        return np.empty(nbytes // dtype.itemsize, dtype)
+
+    def give(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            free = self._free.setdefault((buffer.nbytes, buffer.dtype.str), [])
+            if len(free) < self._keep:
+                free.append(buffer)
 
 
 @dataclass
@@ -75,12 +98,28 @@ class NnState:
     store_key: int = 0
     output_pins: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
-    def input_buffer(self, ctx: int, index: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
-        buffers = self.input_buffers.setdefault(ctx, {})
-        buffer = buffers.get(index)
-        if buffer is None or buffer.nbytes != nbytes or buffer.dtype != dtype:
-            buffer = buffers[index] = np.empty(nbytes // dtype.itemsize, dtype)
-        return buffer
+    #: where input buffers come from and go back to, shared by the host's stores (a store
+    #: per request would otherwise map, fault in and unmap a fresh one each time)
+    buffer_pool: BufferPool | None = None
+
+    def take_buffer(self, nbytes: int, dtype: np.dtype) -> np.ndarray:
+        if self.buffer_pool is not None:
+            return self.buffer_pool.take(nbytes, dtype)
+        return np.empty(nbytes // dtype.itemsize, dtype)
+
+    def keep_input(self, ctx: int, index: int, buffer: np.ndarray) -> None:
+        """`buffer` is now the context's input `index`: the one it replaces can go back."""
+        old = self.input_buffers.setdefault(ctx, {}).get(index)
+        self.input_buffers[ctx][index] = buffer
+        if old is not None and old is not buffer:
+            self._give_back([old])
+
+    def _give_back(self, buffers: Iterable[np.ndarray]) -> None:
+        """Only once neither C nor the backend can reach them (their registrations dropped,
+        their context closed)."""
+        if self.buffer_pool is not None:
+            for buffer in buffers:
+                self.buffer_pool.give(buffer)
 
     #: set while a guest is being pre-initialized: the calls refused because a snapshot could
     #: not keep the host state they make (execution contexts, graphs loaded from bytes)
@@ -153,6 +192,8 @@ class NnState:
         for ctx, _ in self.contexts.values():
             ctx.close()
         self.contexts.clear()
+        for buffers in self.input_buffers.values():
+            self._give_back(buffers.values())
         self.input_buffers.clear()
         self.graphs.clear()
         self.graph_configs.clear()
@@ -304,8 +345,9 @@ class WitxAbi:
             state.fast.drop_context(state.store_key, ctx)
         state.forget_outputs(ctx)
         del state.contexts[ctx]
-        state.input_buffers.pop(ctx, None)
+        buffers = state.input_buffers.pop(ctx, {})
         context.close()
+        state._give_back(buffers.values())
         return 0
 
     def set_input(self, state: NnState, call: _Call, ctx: int, index: int, tensor_ptr: int) -> int:
@@ -338,11 +380,18 @@ class WitxAbi:
                                             mem.copy_in(data_ptr, data_len, tensor_type.dtype)))
             return 0
         fast = state.fast
-        if fast is not None:  # the buffer may be replaced below
+        if fast is not None:  # the buffer is replaced below
             fast.drop_input(state.store_key, ctx, index)
-        data = state.input_buffer(ctx, index, data_len, tensor_type.dtype)
+        # a buffer other than the current input's: if the backend refuses this tensor, the
+        # input set before stays as it was
+        data = state.take_buffer(data_len, tensor_type.dtype)
         mem.copy_into(data, data_ptr, data_len)
-        context.set_input(index, Tensor(dims, tensor_type, data))
+        try:
+            context.set_input(index, Tensor(dims, tensor_type, data))
+        except BaseException:
+            state._give_back([data])
+            raise
+        state.keep_input(ctx, index, data)
         if fast is not None and call.context == state.store_key:
             # the same call again (dims, type code, length) may now copy straight into `data`
             fast.put_input(state.store_key, ctx, index, dims, type_code, data_len,
