@@ -149,8 +149,8 @@ def report(results: list[Result], call_s: dict[str, float], header: str) -> bool
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=31,
-                        help="timed rounds per model, guest and direct alternating (default 31)")
+    parser.add_argument("--rounds", type=int, default=101,
+                        help="timed rounds per model, guest and direct alternating (default 101)")
     parser.add_argument("--iters", type=int, default=2000,
                         help="inferences per round on the tiny model (default 2000)")
     parser.add_argument("--classifier-iters", type=int, default=10,
