@@ -160,26 +160,11 @@ int main(int argc, char **argv) {
                  wasi_nn_load_by_name(model, (uint32_t)strlen(model), &g));
     }
 
-    graph_execution_context ctx = 0;
-    nn_check("init_execution_context",
-             wasi_nn_init_execution_context(g, &ctx));
-
-    static const uint32_t dims[4] = {1, 3, H, W};
-    tensor t = {
-        .dims = dims,
-        .dims_len = 4,
-        .type = TENSOR_TYPE_F32,
-        .data = (const uint8_t *)input,
-        .data_len = (uint32_t)(sizeof(float) * 3 * W * H),
-    };
-    nn_check("set_input", wasi_nn_set_input(ctx, 0, &t));
-    nn_check("compute", wasi_nn_compute(ctx));
-
     static float out[NCLASSES];
-    uint32_t written = 0;
-    nn_check("get_output",
-             wasi_nn_get_output(ctx, 0, (uint8_t *)out, sizeof(out),
-                                &written));
+    uint32_t written;
+    const char *failed = "";
+    int32_t err = classify_scores(g, input, out, sizeof out, &written, &failed);
+    nn_check(failed, err);
     size_t n = written / sizeof(float);
     if (n > NCLASSES)
         n = NCLASSES;
@@ -197,8 +182,6 @@ int main(int argc, char **argv) {
                (int)best[r], prob[best[r]]);
     }
 
-    /* No finalize_execution_context: it is WasmEdge-only, and leaving it out
-     * keeps this guest's imports to the portable witx subset. */
     free(input);
     return 0;
 }

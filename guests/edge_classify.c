@@ -98,23 +98,11 @@ int main(int argc, char **argv) {
     if (!init_model || strcmp(model, init_model) != 0)
         nn_check("load_by_name",
                  wasi_nn_load_by_name(model, (uint32_t)strlen(model), &g));
-    graph_execution_context ctx = 0;
-    nn_check("init_execution_context",
-             wasi_nn_init_execution_context(g, &ctx));
-    static const uint32_t dims[4] = {1, 3, IMG_SIZE, IMG_SIZE};
-    tensor t = {
-        .dims = dims,
-        .dims_len = 4,
-        .type = TENSOR_TYPE_F32,
-        .data = (const uint8_t *)input,
-        .data_len = (uint32_t)sizeof input,
-    };
-    nn_check("set_input", wasi_nn_set_input(ctx, 0, &t));
-    nn_check("compute", wasi_nn_compute(ctx));
     static float out[NCLASSES];
-    uint32_t written = 0;
-    nn_check("get_output", wasi_nn_get_output(ctx, 0, (uint8_t *)out,
-                                              sizeof out, &written));
+    uint32_t written;
+    const char *failed = "";
+    int32_t errno_nn = classify_scores(g, input, out, sizeof out, &written, &failed);
+    nn_check(failed, errno_nn);
     size_t n = written / sizeof(float);
     if (n == 0)
         cgi_fail("500 Internal Server Error", "the model gave no scores");

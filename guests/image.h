@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "wasi_nn.h"
+
 #define IMG_HELPER static __attribute__((unused))
 
 #define IMG_SIZE 224   /* the classifier's input is 224x224 */
@@ -231,6 +233,39 @@ IMG_HELPER void image_normalize(const unsigned char *rgb, float *t) {
         t[plane + i] = lut[1][rgb[i * 3 + 1]];
         t[2 * plane + i] = lut[2][rgb[i * 3 + 2]];
     }
+}
+
+/* ---- inference ------------------------------------------------------- */
+
+/* One run of the classifier on graph g: input, f32 [1,3,IMG_SIZE,IMG_SIZE],
+ * to scores (at most max_bytes; *written says how many). Answers 0, or the
+ * errno of the wasi-nn call it names in *failed. */
+IMG_HELPER int32_t classify_scores(graph g, const float *input, float *scores,
+                                   uint32_t max_bytes, uint32_t *written,
+                                   const char **failed) {
+    static const uint32_t dims[4] = {1, 3, IMG_SIZE, IMG_SIZE};
+    const tensor t = {
+        .dims = dims,
+        .dims_len = 4,
+        .type = TENSOR_TYPE_F32,
+        .data = (const uint8_t *)input,
+        .data_len = (uint32_t)(sizeof(float) * 3 * IMG_SIZE * IMG_SIZE),
+    };
+    graph_execution_context ctx = 0;
+    int32_t err;
+    *written = 0;
+    if ((err = wasi_nn_init_execution_context(g, &ctx)) != 0)
+        *failed = "init_execution_context";
+    else if ((err = wasi_nn_set_input(ctx, 0, &t)) != 0)
+        *failed = "set_input";
+    else if ((err = wasi_nn_compute(ctx)) != 0)
+        *failed = "compute";
+    else if ((err = wasi_nn_get_output(ctx, 0, (uint8_t *)scores, max_bytes,
+                                       written)) != 0)
+        *failed = "get_output";
+    /* No finalize_execution_context: it is WasmEdge-only (wasmtime's witx
+     * has none), and the context goes with the instance. */
+    return err;
 }
 
 /* ---- scores ---------------------------------------------------------- */
