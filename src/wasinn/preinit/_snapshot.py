@@ -46,7 +46,7 @@ def snapshot(wasm: bytes, host: Host, *, init_func: str = INIT_FUNC,
              program: str = "main.wasm") -> tuple[bytes, PreinitRecord]:
     """Run `init_func` of `wasm` under `host` and return the pre-initialized module and the
     graph bindings it carries. Raises PreinitError naming what cannot be snapshotted."""
-    from ..host import Preopen, _set_output
+    from ..host import HeldCallbacks, Preopen, _set_output
 
     module = Module.parse(wasm)
     check_init_export(module, init_func)
@@ -84,8 +84,9 @@ def snapshot(wasm: bytes, host: Host, *, init_func: str = INIT_FUNC,
     for entry in dirs:
         preopen = Preopen.parse(entry) if isinstance(entry, str) else entry
         wasi.preopen_dir(str(preopen.host), preopen.guest)
-    _set_output(wasi, "stdout", stdout)
-    _set_output(wasi, "stderr", stderr)
+    held = HeldCallbacks()
+    _set_output(wasi, "stdout", stdout, held)
+    _set_output(wasi, "stderr", stderr, held)
     store = wasmtime.Store(host.engine)
     store.set_wasi(wasi)
     state = host.add_to_store(store)
@@ -119,6 +120,7 @@ def snapshot(wasm: bytes, host: Host, *, init_func: str = INIT_FUNC,
     finally:
         state.close()
         del store
+        held.wait(1.0)  # wasmtime lets go of the output callbacks (see HeldCallbacks)
 
     # (e) the original module, starting from that state
     for index, value in values.items():

@@ -27,7 +27,7 @@ import wasmtime
 
 from .. import __version__
 from ..abi._raw import store_key
-from ..host import Host, Preopen
+from ..host import HeldCallbacks, Host, Preopen
 from ..preinit import PreinitError
 
 log = logging.getLogger("wasinn.server")
@@ -169,7 +169,7 @@ class WagiRoute:
             if missing:
                 raise ValueError(f"{self.module_path} was pre-initialized with model(s) "
                                  f"{', '.join(missing)}, which this host does not offer")
-        self._held = _Held()
+        self._held = HeldCallbacks()
         self._linker = host.linker()
         # resolved now: a module importing what the host lacks fails at start-up, not per call
         self._pre = self._linker.instantiate_pre(self.module)
@@ -372,29 +372,12 @@ def _run_start(instance: wasmtime.Instance, store: wasmtime.Store) -> int:
     return 0
 
 
-class _Held:
-    """How many output callbacks wasmtime still holds (see WagiRoute.close)."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._changed = threading.Condition()
-
-    def add(self, delta: int) -> None:
-        with self._changed:
-            self._count += delta
-            self._changed.notify_all()
-
-    def wait(self, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._count == 0, timeout)
-
-
 class _Capture:
     """A guest's output stream, kept in memory up to `limit` bytes: past it, writes fail
     (the guest sees EIO) and `overflowed` says so; or, with `keep_tail`, only the last
     `limit` bytes are kept. Counted in `held` until wasmtime drops its callback."""
 
-    def __init__(self, held: _Held, limit: int, keep_tail: bool = False) -> None:
+    def __init__(self, held: HeldCallbacks, limit: int, keep_tail: bool = False) -> None:
         self._held = held
         held.add(1)
         self._parts: list[bytes] = []
