@@ -201,3 +201,25 @@ def test_a_refused_tensor_leaves_the_input_set_before(host, ex):
     errno, data, _ = ex.get_output(ctx, 0, z.nbytes)
     assert errno == SUCCESS and data == z.tobytes()
     assert np.array_equal(add_round(ex, ctx, x * 2, y), x * 2 + y)  # and the loop goes on
+
+
+def test_a_registration_of_another_store_is_never_used(host, ex):
+    """Registrations are checked against wasmtime's id of the calling store: a new store at
+    the address of a dropped one (before its registrations were dropped) is not served by
+    them. Simulated: this store's registration rewritten with another store's id."""
+    ctx = add_context(ex)
+    x, y, z = add_inputs()
+    add_round(ex, ctx, x, y)
+    state = ex.state
+    assert state is not None and state.store_id
+    decoy = np.zeros(6, np.float32)
+    fast(host).put_input(state.store_key, state.store_id + 1, ctx, 0, x.shape, F32, x.nbytes,
+                         decoy.ctypes.data)
+    _, misses, _ = fast(host).stats()
+    assert ex.set_input(ctx, 0, F32, x * 3) == SUCCESS
+    assert fast(host).stats()[1] == misses + 1  # Python served it
+    assert not decoy.any()  # and C never wrote the decoy
+    assert ex.set_input(ctx, 1, F32, y) == SUCCESS
+    assert ex.raw("compute", ctx) == SUCCESS
+    errno, data, _ = ex.get_output(ctx, 0, z.nbytes)
+    assert errno == SUCCESS and data == (x * 3 + y).tobytes()

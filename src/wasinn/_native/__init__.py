@@ -75,9 +75,10 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_func_env.restype = _c
     lib.fp_func_env.argtypes = [_c, _c, _c, _c]
     lib.fp_put_input.restype = ctypes.c_int
-    lib.fp_put_input.argtypes = [_c, _u64, _u32, _u32, _u32, ctypes.POINTER(_u32), _u32, _u32, _c]
+    lib.fp_put_input.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, ctypes.POINTER(_u32), _u32,
+                                 _u32, _c]
     lib.fp_put_output.restype = ctypes.c_int
-    lib.fp_put_output.argtypes = [_c, _u64, _u32, _u32, _u32, _c]
+    lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c]
     lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
     lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
     return lib
@@ -126,13 +127,17 @@ class FastPath:
 
     # --- what Python registers after a checked call, and drops before the memory goes -----
 
-    def put_input(self, store: int, ctx: int, index: int, dims: Sequence[int], type_code: int,
-                  nbytes: int, host: int) -> None:
-        self._put_input(self._table, store, ctx, index, len(dims), (_u32 * len(dims))(*dims),
-                        type_code, nbytes, host)
+    # `store` is the store context's address (what the drops name); `store_id` wasmtime's id
+    # of the store, which C checks on every hit: an address can be reused by a new store
+    # before the old one's registrations are dropped, an id cannot
+    def put_input(self, store: int, store_id: int, ctx: int, index: int, dims: Sequence[int],
+                  type_code: int, nbytes: int, host: int) -> None:
+        self._put_input(self._table, store, store_id, ctx, index, len(dims),
+                        (_u32 * len(dims))(*dims), type_code, nbytes, host)
 
-    def put_output(self, store: int, ctx: int, index: int, nbytes: int, host: int) -> None:
-        self._put_output(self._table, store, ctx, index, nbytes, host)
+    def put_output(self, store: int, store_id: int, ctx: int, index: int, nbytes: int,
+                   host: int) -> None:
+        self._put_output(self._table, store, store_id, ctx, index, nbytes, host)
 
     def drop_input(self, store: int, ctx: int, index: int) -> None:
         self._drop(self._table, store, ctx, _KIND_INPUT, index)

@@ -41,6 +41,7 @@ typedef int32_t (*handler_fn)(void *caller, void *context, uint32_t, uint32_t, u
 
 typedef struct {
     uint64_t store;  /* the store context's address; 0: free slot */
+    uint64_t store_id; /* wasmtime's id of that store: never reused, unlike an address */
     uint32_t ctx, index, kind;
     uint32_t dims_len, type, len;
     uint32_t dims[MAX_DIMS];
@@ -129,9 +130,9 @@ static entry *find(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint3
     return NULL;
 }
 
-static int put(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint32_t kind,
-               uint32_t dims_len, const uint32_t *dims, uint32_t type, uint32_t len,
-               uint8_t *host) {
+static int put(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32_t index,
+               uint32_t kind, uint32_t dims_len, const uint32_t *dims, uint32_t type,
+               uint32_t len, uint8_t *host) {
     if (store == 0 || dims_len > MAX_DIMS)
         return 0;
     lock(t);
@@ -140,6 +141,7 @@ static int put(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint32_t 
         e = find(t, 0, 0, 0, 0);
     if (e != NULL) {
         e->store = store;
+        e->store_id = store_id;
         e->ctx = ctx;
         e->index = index;
         e->kind = kind;
@@ -154,14 +156,15 @@ static int put(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint32_t 
     return e != NULL;
 }
 
-int fp_put_input(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint32_t dims_len,
-                 const uint32_t *dims, uint32_t type, uint32_t len, uint8_t *host) {
-    return put(t, store, ctx, index, KIND_INPUT, dims_len, dims, type, len, host);
+int fp_put_input(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32_t index,
+                 uint32_t dims_len, const uint32_t *dims, uint32_t type, uint32_t len,
+                 uint8_t *host) {
+    return put(t, store, store_id, ctx, index, KIND_INPUT, dims_len, dims, type, len, host);
 }
 
-int fp_put_output(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint32_t len,
-                  uint8_t *host) {
-    return put(t, store, ctx, index, KIND_OUTPUT, 0, NULL, 0, len, host);
+int fp_put_output(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32_t index,
+                  uint32_t len, uint8_t *host) {
+    return put(t, store, store_id, ctx, index, KIND_OUTPUT, 0, NULL, 0, len, host);
 }
 
 /* Drop registrations: of one store (ctx < 0), one context (kind 0), or one kind in it;
@@ -190,6 +193,7 @@ void fp_stats(table *t, uint64_t *hits, uint64_t *misses, uint64_t *entries) {
 typedef struct {
     uint8_t *base;
     uint64_t size;
+    uint64_t store_id;
 } memory;
 
 static bool caller_memory(table *t, void *caller, void *context, memory *out) {
@@ -197,6 +201,7 @@ static bool caller_memory(table *t, void *caller, void *context, memory *out) {
     memset(item, 0, sizeof(item));
     if (!t->caller_export_get(caller, "memory", 6, item) || item[0] != t->memory_kind)
         return false;
+    memcpy(&out->store_id, item + t->extern_of, sizeof out->store_id); /* its first field */
     out->base = t->memory_data(context, item + t->extern_of);
     out->size = t->memory_data_size(context, item + t->extern_of);
     return out->base != NULL;
@@ -267,7 +272,8 @@ void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_INPUT);
-    if (e != NULL && e->dims_len == dims_len && e->type == type && e->len == data_len &&
+    if (e != NULL && e->store_id == m.store_id && e->dims_len == dims_len && e->type == type &&
+        e->len == data_len &&
         memcmp(e->dims, m.base + dims_ptr, (size_t)dims_len * 4) == 0) {
         /* under the lock: Python drops the entry (taking the lock) before the buffer goes */
         memcpy(e->host, m.base + data_ptr, data_len);
@@ -292,7 +298,8 @@ void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_OUTPUT);
-    if (e != NULL && e->len <= out_max && inside(&m, out_ptr, e->len)) {
+    if (e != NULL && e->store_id == m.store_id && e->len <= out_max &&
+        inside(&m, out_ptr, e->len)) {
         memcpy(m.base + out_ptr, e->host, e->len);
         memcpy(m.base + written_ptr, &e->len, 4);
         served = true;

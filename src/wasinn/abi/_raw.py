@@ -101,15 +101,17 @@ def caller_context(caller: int) -> int:
     return _caller_context(caller) or 0
 
 
-def caller_memory(caller: int, context: int) -> tuple[int, int] | None:
-    """(base address, size in bytes) of the caller's exported `memory`, or None."""
+def caller_memory(caller: int, context: int) -> tuple[int, int, int] | None:
+    """(base address, size in bytes, wasmtime's id of its store) of the caller's exported
+    `memory`, or None."""
     item = ffi.wasmtime_extern_t()
     if not _caller_export_get(caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.addressof(item)):
         return None
     if item.kind != _EXTERN_MEMORY:
         return None
     memory = ctypes.addressof(item.of.memory)
-    return _memory_data(context, memory) or 0, _memory_data_size(context, memory)
+    return (_memory_data(context, memory) or 0, _memory_data_size(context, memory),
+            item.of.memory._anon_1.store_id)
 
 
 def store_key(store: wasmtime.Store) -> int:

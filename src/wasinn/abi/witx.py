@@ -96,6 +96,8 @@ class NnState:
     #: pinned here until the context computes again
     fast: FastPath | None = None
     store_key: int = 0
+    #: wasmtime's id of the store, learnt from its memory on the first call C may repeat
+    store_id: int = 0
     output_pins: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     #: where input buffers come from and go back to, shared by the host's stores (a store
@@ -167,10 +169,10 @@ class NnState:
     def pin_output(self, ctx: int, index: int, output: np.ndarray | bytes | None) -> bool:
         """Until the context computes again, C may answer get_output(index) with `output`
         (replacing what it answered before). False if it cannot."""
-        if self.fast is None or not isinstance(output, np.ndarray) or not output.nbytes \
-                or not output.flags.c_contiguous or output.dtype.hasobject:
+        if self.fast is None or not self.store_id or not isinstance(output, np.ndarray) \
+                or not output.nbytes or not output.flags.c_contiguous or output.dtype.hasobject:
             return False
-        self.fast.put_output(self.store_key, ctx, index, output.nbytes,
+        self.fast.put_output(self.store_key, self.store_id, ctx, index, output.nbytes,
                              output.__array_interface__["data"][0])
         self.output_pins[(ctx, index)] = output  # alive while C may read it
         return True
@@ -204,13 +206,13 @@ class GuestMemory:
     """Bounds-checked access to the calling instance's exported `memory`, valid for one call
     (memory may grow, and move, once the guest runs again)."""
 
-    __slots__ = ("base", "size")
+    __slots__ = ("base", "size", "store_id")
 
     def __init__(self, caller: int, context: int) -> None:
         found = caller_memory(caller, context)
         if found is None:
             raise MissingMemory("the guest exports no memory named 'memory'")
-        self.base, self.size = found
+        self.base, self.size, self.store_id = found
 
     def check(self, ptr: int, length: int) -> int:
         """The host address of guest bytes [ptr, ptr+length), or invalid_argument."""
@@ -394,7 +396,8 @@ class WitxAbi:
         state.keep_input(ctx, index, data)
         if fast is not None and call.context == state.store_key:
             # the same call again (dims, type code, length) may now copy straight into `data`
-            fast.put_input(state.store_key, ctx, index, dims, type_code, data_len,
+            state.store_id = mem.store_id
+            fast.put_input(state.store_key, mem.store_id, ctx, index, dims, type_code, data_len,
                            data.__array_interface__["data"][0])
         return 0
 
@@ -424,8 +427,10 @@ class WitxAbi:
                    out_max: int, written_out: int) -> int:
         context = state.context(ctx)
         output = context.get_output(index)
-        errno = _write_output(call.memory(), output, out_ptr, out_max, written_out)
+        mem = call.memory()
+        errno = _write_output(mem, output, out_ptr, out_max, written_out)
         if call.context == state.store_key:
+            state.store_id = mem.store_id
             state.pin_output(ctx, index, output)
         return errno
 
