@@ -99,10 +99,12 @@ class NnState:
     #: wasmtime's id of the store, learnt from its memory on the first call C may repeat
     store_id: int = 0
     output_pins: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-
     #: where input buffers come from and go back to, shared by the host's stores (a store
     #: per request would otherwise map, fault in and unmap a fresh one each time)
     buffer_pool: BufferPool | None = None
+    #: set while a guest is being pre-initialized: the calls refused because a snapshot could
+    #: not keep the host state they make (execution contexts, graphs loaded from bytes)
+    snapshot_refusals: list[str] | None = None
 
     def take_buffer(self, nbytes: int, dtype: np.dtype) -> np.ndarray:
         if self.buffer_pool is not None:
@@ -122,10 +124,6 @@ class NnState:
         if self.buffer_pool is not None:
             for buffer in buffers:
                 self.buffer_pool.give(buffer)
-
-    #: set while a guest is being pre-initialized: the calls refused because a snapshot could
-    #: not keep the host state they make (execution contexts, graphs loaded from bytes)
-    snapshot_refusals: list[str] | None = None
 
     def refuse_in_snapshot(self, call: str, why: str) -> None:
         if self.snapshot_refusals is not None:
