@@ -252,6 +252,43 @@ def test_runner_called_directly(host: Host, guests: dict[str, Path], example_ass
     route.close()
 
 
+def test_a_pre_initialized_guest_on_a_route(host: Host, guests: dict[str, Path],
+                                            example_assets: Path, reference,
+                                            tmp_path: Path) -> None:
+    """edge_classify snapshotted with the model bound and the labels read: every request's
+    store gets graph 0 bound again, and the answers are the un-snapshotted guest's."""
+    from wasinn.preinit import preinitialize
+    from wasinn.host import Preopen
+
+    made = preinitialize(guests["edge_classify"].read_bytes(), host, engine="wasinn",
+                         env={"MODEL": "efficientnet-lite0",
+                              "LABELS": "/data/imagenet_labels.txt"},
+                         dirs=[Preopen.parse(f"{example_assets}:/data")])
+    assert made.record is not None
+    assert [(b.handle, b.name) for b in made.record.graphs] == [(0, "efficientnet-lite0")]
+    snapshot = tmp_path / "edge_classify.pre.wasm"
+    snapshot.write_bytes(made.wasm)
+    # no preopen this time: the labels come from the snapshot's memory
+    route = WagiRoute(host, snapshot, route="/classify")
+    body = (example_assets / "chelsea.ppm").read_bytes()
+    try:
+        for _ in range(2):  # and again, from a fresh instance
+            response = route.handle(WagiRequest(method="POST", path="/classify", body=body))
+            assert response.status == 200, response.error
+            got = json.loads(response.body)["top5"]
+            expected = expected_top5(reference, example_assets)
+            assert [(r["class"], r["label"]) for r in got] == [(c, label)
+                                                               for c, _, label in expected]
+    finally:
+        route.close()
+    other = Host(module_cache=False)  # offers no model: the route is refused at start
+    try:
+        with pytest.raises(ValueError, match="efficientnet-lite0"):
+            WagiRoute(other, snapshot, route="/classify")
+    finally:
+        other.close()
+
+
 def test_parse_cgi() -> None:
     answer = parse_cgi(b"Content-Type: text/plain\r\nStatus: 201 Created\r\nX-A: 1\r\n\r\nok")
     assert (answer.status, answer.headers, answer.body) == (
