@@ -289,6 +289,19 @@ def test_a_pre_initialized_guest_on_a_route(host: Host, guests: dict[str, Path],
         other.close()
 
 
+def test_output_over_the_limit_is_500(host: Host, guests: dict[str, Path]) -> None:
+    route = WagiRoute(host, guests["edge_test"], route="/test", max_output=64)
+    try:
+        response = route.handle(WagiRequest(method="POST", path="/test/echo",
+                                            body=b"x" * 4096))
+        assert response.status == 500
+        assert "more than 64 bytes" in response.body.decode()
+        fine = route.handle(WagiRequest(method="GET", path="/test/status"))
+        assert fine.status == 404  # the next request is served as usual
+    finally:
+        route.close()
+
+
 def test_parse_cgi() -> None:
     answer = parse_cgi(b"Content-Type: text/plain\r\nStatus: 201 Created\r\nX-A: 1\r\n\r\nok")
     assert (answer.status, answer.headers, answer.body) == (

@@ -81,6 +81,11 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c]
     lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
     lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
+    lib.fp_capture_new.restype = _c
+    lib.fp_capture_new.argtypes = [ctypes.c_size_t, ctypes.c_int]
+    lib.fp_capture_release.argtypes = [_c]
+    lib.fp_capture_read.restype = ctypes.c_size_t
+    lib.fp_capture_read.argtypes = [_c, _c, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int)]
     return lib
 
 
@@ -158,7 +163,51 @@ class FastPath:
                            ctypes.byref(entries))
         return hits.value, misses.value, entries.value
 
+    def capture(self, limit: int, keep_tail: bool = False) -> Capture | None:
+        """A WASI output stream kept in C (see Capture); None if out of memory."""
+        ptr = self._lib.fp_capture_new(limit, int(keep_tail))
+        return Capture(self._lib, ptr) if ptr else None
+
     def __del__(self) -> None:
         table, self._table = self._table, 0
         if table:
             self._lib.fp_release(table)
+
+
+_WRITE = ctypes.CFUNCTYPE(ctypes.c_ssize_t, _c, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
+_FINALIZE = ctypes.CFUNCTYPE(None, _c)
+
+
+class Capture:
+    """A guest's stdout or stderr kept by C code, bounded (past the limit writes fail with
+    EIO, or only the tail is kept). A Python callback would cost a call into Python on one of
+    wasmtime's threads per write (66 us measured, against 0.5 us to a file)."""
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int) -> None:
+        self._lib = lib
+        self._ptr = ptr
+
+    def attach(self, wasi: object, stream: str) -> None:
+        """Make this the `stream` ("stdout" or "stderr") of a wasmtime.WasiConfig."""
+        setter = getattr(ffi, f"wasi_config_set_{stream}_custom")
+        setter(wasi.ptr(), ctypes.cast(self._lib.fp_capture_write, _WRITE),  # type: ignore[attr-defined]
+               self._ptr, ctypes.cast(self._lib.fp_capture_finalize, _FINALIZE))
+
+    def data(self) -> bytes:
+        overflowed = ctypes.c_int()
+        size = self._lib.fp_capture_read(self._ptr, None, 0, ctypes.byref(overflowed))
+        buffer = ctypes.create_string_buffer(size)
+        size = min(size, self._lib.fp_capture_read(self._ptr, buffer, size,
+                                                   ctypes.byref(overflowed)))
+        return buffer.raw[:size]
+
+    @property
+    def overflowed(self) -> bool:
+        overflowed = ctypes.c_int()
+        self._lib.fp_capture_read(self._ptr, None, 0, ctypes.byref(overflowed))
+        return bool(overflowed.value)
+
+    def __del__(self) -> None:
+        ptr, self._ptr = self._ptr, 0
+        if ptr:
+            self._lib.fp_capture_release(ptr)

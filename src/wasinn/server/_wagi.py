@@ -28,6 +28,7 @@ import wasmtime
 from .. import __version__
 from ..abi._raw import store_key
 from ..host import HeldCallbacks, Host, Preopen
+from .._native import Capture
 from ..preinit import PreinitError
 
 log = logging.getLogger("wasinn.server")
@@ -206,8 +207,8 @@ class WagiRoute:
         non-zero, runs past its deadline, writes no valid headers) is a 500, or a 504 past
         the deadline, whose body says why; nothing here raises for what a guest does."""
         start = time.perf_counter()
-        stdout = _Capture(self._held, self.max_output)
-        stderr = _Capture(self._held, _STDERR_KEPT, keep_tail=True)
+        stdout = self._capture(self.max_output)
+        stderr = self._capture(_STDERR_KEPT, keep_tail=True)
         host = self.host
         store = wasmtime.Store(host.engine)
         state = None
@@ -259,7 +260,13 @@ class WagiRoute:
         response.timings = timings
         return response
 
-    def _failed(self, status: int, reason: str, stderr: _Capture,
+    def _capture(self, limit: int, keep_tail: bool = False) -> Captured:
+        """In C where the host has its native path (no Python call per write), else here."""
+        fast = self.host._abi.fast
+        native = None if fast is None else fast.capture(limit, keep_tail)
+        return native if native is not None else _Capture(self._held, limit, keep_tail)
+
+    def _failed(self, status: int, reason: str, stderr: Captured,
                 timings: dict[str, float]) -> WagiResponse:
         said = _last_line(stderr.data())
         log.warning("%s: %s%s", self.route, reason, f" (stderr: {said})" if said else "")
@@ -275,14 +282,14 @@ class WagiRoute:
             f.write(body)
         return name
 
-    def _wasi(self, request: WagiRequest, stdin: str, stdout: _Capture,
-              stderr: _Capture) -> wasmtime.WasiConfig:
+    def _wasi(self, request: WagiRequest, stdin: str, stdout: Captured,
+              stderr: Captured) -> wasmtime.WasiConfig:
         wasi = wasmtime.WasiConfig()
         wasi.argv = [self.module_path.name]
         wasi.env = list({**self.env, **self.cgi_env(request)}.items())
         wasi.stdin_file = stdin
-        wasi.stdout_custom = stdout.write
-        wasi.stderr_custom = stderr.write
+        stdout.attach(wasi, "stdout")
+        stderr.attach(wasi, "stderr")
         for preopen in self.dirs:
             wasi.preopen_dir(str(preopen.host), preopen.guest)
         return wasi
@@ -398,11 +405,18 @@ class _Capture:
         self._size += len(data)
         return len(data)
 
+    def attach(self, wasi: wasmtime.WasiConfig, stream: str) -> None:
+        setattr(wasi, f"{stream}_custom", self.write)
+
     def data(self) -> bytes:
         return b"".join(self._parts)
 
     def __del__(self) -> None:  # wasmtime dropped the callback, and the request is over
         self._held.add(-1)
+
+
+#: a guest's captured stdout or stderr: in C (wasinn._native.Capture) or in Python
+Captured = _Capture | Capture
 
 
 def _cause(text: str) -> str:
