@@ -46,9 +46,9 @@ import numpy as np
 from _common import (CLASSIFIER, EXAMPLE_OUT, IMAGE, GUESTS_OUT, HttpConnection, Server,
                      build_guests, classifier_input, prepare_classifier, print_table)
 from wasinn.backends.onnx import OnnxGraph
-from wasinn.host import Host
+from wasinn.host import Host, Preopen
 from wasinn.preinit import preinitialize
-from wasinn.server import WagiRequest, WagiRoute
+from wasinn.server import WagiRequest, WagiResponse, WagiRoute
 
 MODEL = "efficientnet-lite0"
 LABELS = EXAMPLE_OUT / "imagenet_labels.txt"
@@ -85,18 +85,16 @@ def request_of(body: bytes) -> WagiRequest:
                        headers=[("content-type", "image/x-portable-pixmap")])
 
 
-def check(response: object, expected_class: int) -> None:
-    status = getattr(response, "status")
-    body = getattr(response, "body")
-    if status != 200:
-        raise SystemExit(f"the route answered {status}: {getattr(response, 'error', '')} "
-                         f"{body[:200]!r}")
-    top = json.loads(body)["top5"][0]["class"]
+def check(response: WagiResponse, expected_class: int) -> None:
+    if response.status != 200:
+        raise SystemExit(f"the route answered {response.status}: {response.error} "
+                         f"{response.body[:200]!r}")
+    top = json.loads(response.body)["top5"][0]["class"]
     if top != expected_class:
         raise SystemExit(f"the route's top-1 is class {top}, onnxruntime's {expected_class}")
 
 
-def measure_step(name: str, serve: Callable[[], object], infer: Callable[[], object],
+def measure_step(name: str, serve: Callable[[], WagiResponse], infer: Callable[[], object],
                  expected_class: int, requests: int, warmup: int) -> Step:
     """`serve` answers one request (a WagiResponse); `infer` runs the inference alone."""
     for _ in range(warmup):
@@ -112,7 +110,7 @@ def measure_step(name: str, serve: Callable[[], object], infer: Callable[[], obj
                 response = serve()
                 request_s.append(time.perf_counter() - start)
                 check(response, expected_class)
-                for part, seconds in getattr(response, "timings").items():
+                for part, seconds in response.timings.items():
                     parts.setdefault(part, []).append(seconds)
             else:
                 infer()
@@ -122,14 +120,9 @@ def measure_step(name: str, serve: Callable[[], object], infer: Callable[[], obj
 
 def preinitialized_module(host: Host, wasm: Path, out: Path) -> Path:
     made = preinitialize(wasm.read_bytes(), host, engine="wasinn", env=ROUTE_ENV,
-                         dirs=[_preopen(d) for d in ROUTE_DIRS])
+                         dirs=[Preopen.parse(d) for d in ROUTE_DIRS])
     out.write_bytes(made.wasm)
     return out
-
-
-def _preopen(text: str) -> object:
-    from wasinn.host import Preopen
-    return Preopen.parse(text)
 
 
 def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[Step]:
@@ -149,8 +142,8 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
             return WagiRoute(host, module, route="/classify", env=ROUTE_ENV, dirs=ROUTE_DIRS,
                              reuse_linking=reuse_linking)
 
-        def fresh_route(cached: bool) -> Callable[[], object]:
-            def serve() -> object:
+        def fresh_route(cached: bool) -> Callable[[], WagiResponse]:
+            def serve() -> WagiResponse:
                 host.modules.enabled = cached
                 try:  # the route compiles (or reads back) and links as it is made
                     r = route(guest, reuse_linking=False)
@@ -167,7 +160,7 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         linked_per_request = route(guest, reuse_linking=False)
         reused = route(guest)
         preinit = route(preinit_wasm)
-        plan: list[tuple[str, Callable[[], object]]] = [
+        plan: list[tuple[str, Callable[[], WagiResponse]]] = [
             ("1 cold: compile + link", fresh_route(cached=False)),
             ("2 module cache + link", fresh_route(cached=True)),
             ("3 compiled once, link per request", lambda: linked_per_request.handle(

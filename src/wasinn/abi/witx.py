@@ -101,15 +101,10 @@ class NnState:
     output_pins: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     #: where input buffers come from and go back to, shared by the host's stores (a store
     #: per request would otherwise map, fault in and unmap a fresh one each time)
-    buffer_pool: BufferPool | None = None
+    buffer_pool: BufferPool = field(default_factory=BufferPool)
     #: set while a guest is being pre-initialized: the calls refused because a snapshot could
     #: not keep the host state they make (execution contexts, graphs loaded from bytes)
     snapshot_refusals: list[str] | None = None
-
-    def take_buffer(self, nbytes: int, dtype: np.dtype) -> np.ndarray:
-        if self.buffer_pool is not None:
-            return self.buffer_pool.take(nbytes, dtype)
-        return np.empty(nbytes // dtype.itemsize, dtype)
 
     def keep_input(self, ctx: int, index: int, buffer: np.ndarray) -> None:
         """`buffer` is now the context's input `index`: the one it replaces can go back."""
@@ -121,9 +116,8 @@ class NnState:
     def _give_back(self, buffers: Iterable[np.ndarray]) -> None:
         """Only once neither C nor the backend can reach them (their registrations dropped,
         their context closed)."""
-        if self.buffer_pool is not None:
-            for buffer in buffers:
-                self.buffer_pool.give(buffer)
+        for buffer in buffers:
+            self.buffer_pool.give(buffer)
 
     def refuse_in_snapshot(self, call: str, why: str) -> None:
         if self.snapshot_refusals is not None:
@@ -384,7 +378,7 @@ class WitxAbi:
             fast.drop_input(state.store_key, ctx, index)
         # a buffer other than the current input's: if the backend refuses this tensor, the
         # input set before stays as it was
-        data = state.take_buffer(data_len, tensor_type.dtype)
+        data = state.buffer_pool.take(data_len, tensor_type.dtype)
         mem.copy_into(data, data_ptr, data_len)
         try:
             context.set_input(index, Tensor(dims, tensor_type, data))
@@ -401,18 +395,16 @@ class WitxAbi:
 
     def compute(self, state: NnState, call: _Call, ctx: int) -> int:
         context = state.context(ctx)
-        if not state.output_pins:
-            context.compute()
-            return 0
         # the pinned outputs stay alive (so C may still read them) until replaced or dropped
         try:
             context.compute()
         except BaseException:
             state.forget_outputs(ctx)
             raise
-        if getattr(context, "outputs_in_place", False):
-            return 0  # the same arrays, rewritten: C's registrations hold as they are
-        for index in [index for c, index in state.output_pins if c == ctx]:  # a loop reads the same outputs again: C can answer them
+        if not state.output_pins or getattr(context, "outputs_in_place", False):
+            return 0  # nothing pinned, or the same arrays rewritten: registrations hold
+        # a loop reads the same outputs again: pin the new ones, so C can answer them
+        for index in [index for c, index in state.output_pins if c == ctx]:
             try:
                 output = context.get_output(index)
             except WasiNnError:

@@ -27,7 +27,7 @@ import wasmtime
 
 from .. import __version__
 from ..abi._raw import store_key
-from ..host import HeldCallbacks, Host, Preopen
+from ..host import HeldCallbacks, Host, Preopen, _set_output
 from .._native import Capture
 from ..preinit import PreinitError
 
@@ -382,11 +382,10 @@ def _run_start(instance: wasmtime.Instance, store: wasmtime.Store) -> int:
 class _Capture:
     """A guest's output stream, kept in memory up to `limit` bytes: past it, writes fail
     (the guest sees EIO) and `overflowed` says so; or, with `keep_tail`, only the last
-    `limit` bytes are kept. Counted in `held` until wasmtime drops its callback."""
+    `limit` bytes are kept. Its callback is counted in `held` until wasmtime drops it."""
 
     def __init__(self, held: HeldCallbacks, limit: int, keep_tail: bool = False) -> None:
         self._held = held
-        held.add(1)
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
@@ -406,13 +405,10 @@ class _Capture:
         return len(data)
 
     def attach(self, wasi: wasmtime.WasiConfig, stream: str) -> None:
-        setattr(wasi, f"{stream}_custom", self.write)
+        _set_output(wasi, stream, self.write, self._held)
 
     def data(self) -> bytes:
         return b"".join(self._parts)
-
-    def __del__(self) -> None:  # wasmtime dropped the callback, and the request is over
-        self._held.add(-1)
 
 
 #: a guest's captured stdout or stderr: in C (wasinn._native.Capture) or in Python
