@@ -46,6 +46,7 @@ import numpy as np
 from _common import (CLASSIFIER, EXAMPLE_OUT, IMAGE, GUESTS_OUT, HttpConnection, Server,
                      build_guests, classifier_input, prepare_classifier, print_table)
 from wasinn.backends.onnx import OnnxGraph
+from wasinn.cli import ROUTE_WORKERS, SERVER_BACKENDS, route_slots
 from wasinn.host import Host, Preopen
 from wasinn.preinit import preinitialize
 from wasinn.server import WagiRequest, WagiResponse, WagiRoute
@@ -95,10 +96,14 @@ def check(response: WagiResponse, expected_class: int) -> None:
 
 
 def measure_step(name: str, serve: Callable[[], WagiResponse], infer: Callable[[], object],
-                 expected_class: int, requests: int, warmup: int) -> Step:
-    """`serve` answers one request (a WagiResponse); `infer` runs the inference alone."""
+                 expected_class: int, requests: int, warmup: int,
+                 settle: Callable[[], None] = lambda: None) -> Step:
+    """`serve` answers one request (a WagiResponse); `infer` runs the inference alone;
+    `settle` (untimed, after each request) waits for the route's work after its response
+    (dropping the Store), so that it never runs inside the next timing."""
     for _ in range(warmup):
         check(serve(), expected_class)
+        settle()
         infer()
     request_s: list[float] = []
     inference_s: list[float] = []
@@ -109,6 +114,7 @@ def measure_step(name: str, serve: Callable[[], WagiResponse], infer: Callable[[
             if side == 0:
                 response = serve()
                 request_s.append(time.perf_counter() - start)
+                settle()
                 check(response, expected_class)
                 for part, seconds in response.timings.items():
                     parts.setdefault(part, []).append(seconds)
@@ -127,7 +133,10 @@ def preinitialized_module(host: Host, wasm: Path, out: Path) -> Path:
 
 def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[Step]:
     body = IMAGE.read_bytes()
-    host = Host(models=[f"{MODEL}:onnx:cpu:{CLASSIFIER}"], module_cache=workdir / "modules")
+    # as `wasinn serve --route` makes it: pooled instance slots, onnxruntime's workers idle
+    # (not spinning) between runs
+    host = Host(models=[f"{MODEL}:onnx:cpu:{CLASSIFIER}"], module_cache=workdir / "modules",
+                instance_pool=route_slots(ROUTE_WORKERS), backend_options=SERVER_BACKENDS)
     try:
         graph = host.registry.get(MODEL)
         assert isinstance(graph, OnnxGraph)
@@ -160,20 +169,22 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         linked_per_request = route(guest, reuse_linking=False)
         reused = route(guest)
         preinit = route(preinit_wasm)
-        plan: list[tuple[str, Callable[[], WagiResponse]]] = [
-            ("1 cold: compile + link", fresh_route(cached=False)),
-            ("2 module cache + link", fresh_route(cached=True)),
+        plan: list[tuple[str, Callable[[], WagiResponse], WagiRoute | None]] = [
+            ("1 cold: compile + link", fresh_route(cached=False), None),
+            ("2 module cache + link", fresh_route(cached=True), None),
             ("3 compiled once, link per request", lambda: linked_per_request.handle(
-                request_of(body))),
-            ("4 linking reused (InstancePre)", lambda: reused.handle(request_of(body))),
-            ("5 pre-initialized + InstancePre", lambda: preinit.handle(request_of(body))),
+                request_of(body)), linked_per_request),
+            ("4 linking reused (InstancePre)", lambda: reused.handle(request_of(body)), reused),
+            ("5 pre-initialized + InstancePre", lambda: preinit.handle(request_of(body)),
+             preinit),
         ]
         steps = []
-        for name, serve in plan:
-            cold = name.startswith(("1", "2"))
+        for name, serve, settles in plan:
+            cold = settles is None
             steps.append(measure_step(name, serve, infer, expected,
                                       max(3, args.requests // 4) if cold else args.requests,
-                                      1 if cold else args.warmup))
+                                      1 if cold else args.warmup,
+                                      settle=settles.settle if settles else lambda: None))
         for r in (linked_per_request, reused, preinit):
             r.close()
         return steps

@@ -9,7 +9,8 @@
  *   /redirect  a Location header alone (302)
  *   /bad       no blank line after the headers' first line: malformed
  *   /trap      traps (unreachable)
- *   /exit      "edge_test: failing on purpose" on stderr, exit status 3
+ *   /exit      "edge_test: failing on purpose" on stderr, exit status 3;
+ *              ?noise=N writes N KiB to stderr before it
  *   /loop      loops forever (until the deadline)
  *   /grow      allocates ?mb=N MiB and touches it; traps if it cannot
  */
@@ -58,6 +59,10 @@ int main(void) {
     if (strcmp(path, "/trap") == 0)
         __builtin_trap();
     if (strcmp(path, "/exit") == 0) {
+        char kib[16] = "0";
+        cgi_query(getenv("QUERY_STRING"), "noise", kib, sizeof kib);
+        for (int i = 0; i < atoi(kib) * 16; i++) /* 64-byte lines of noise first */
+            fprintf(stderr, "edge_test: noise %045d\n", i);
         fprintf(stderr, "edge_test: failing on purpose\n");
         return 3;
     }

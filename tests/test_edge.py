@@ -21,7 +21,8 @@ import httpx2 as httpx  # noqa: E402
 
 from loopback import LoopbackServer  # noqa: E402
 from wasinn import Host  # noqa: E402
-from wasinn.cli import EXIT_USAGE, build_parser, main, merge_serve_config  # noqa: E402
+from wasinn.cli import (EXIT_USAGE, ROUTE_WORKERS, build_parser, main,  # noqa: E402
+                        merge_serve_config, route_slots)
 from wasinn.server import WagiPool, WagiRequest, WagiRoute, create_app  # noqa: E402
 from wasinn.server._wagi import parse_cgi  # noqa: E402
 
@@ -34,7 +35,7 @@ MAX_MEMORY = 16 << 20
 def host(example_assets: Path, tiny: Path) -> Iterator[Host]:
     model = example_assets / "efficientnet-lite0" / "model.onnx"
     host = Host(models=[f"efficientnet-lite0:onnx:cpu:{model}", f"tiny:GGML:AUTO:{tiny}"],
-                module_cache=False)
+                module_cache=False, instance_pool=route_slots(ROUTE_WORKERS))  # as serve has it
     host.registry.preload_all()
     yield host
     host.close()
@@ -300,6 +301,39 @@ def test_output_over_the_limit_is_500(host: Host, guests: dict[str, Path]) -> No
         assert fine.status == 404  # the next request is served as usual
     finally:
         route.close()
+
+
+def test_stderr_keeps_the_last_words(host: Host, guests: dict[str, Path]) -> None:
+    """A guest's stderr is a file: its last 4 KiB make the 500's reason, whatever came first
+    (64 KiB here); past 1 MiB its writes fail, and the request still ends."""
+    route = WagiRoute(host, guests["edge_test"], route="/test")
+    try:
+        for noise in (64, 2048):
+            response = route.handle(WagiRequest(path="/test/exit", query=f"noise={noise}"))
+            assert response.status == 500
+            body = response.body.decode()
+            assert body.startswith("the guest exited with status 3")
+            if noise == 64:
+                assert body.endswith("its last words: edge_test: failing on purpose\n")
+    finally:
+        route.close()
+
+
+def test_finished_stores_go_and_their_slots_come_back(example_assets: Path,
+                                                      guests: dict[str, Path]) -> None:
+    """Stores are deleted after their responses (in C): with 2 pooled slots, 12 requests
+    in a row each get one (a request that finds every slot held waits for the deletes)."""
+    host = Host(module_cache=False, instance_pool=2)
+    route = WagiRoute(host, guests["edge_test"], route="/test")
+    try:
+        for i in range(12):
+            response = route.handle(WagiRequest(method="POST", path="/test/echo",
+                                                body=f"request {i}".encode()))
+            assert response.status == 200, response.body
+            assert response.body.endswith(f"request {i}".encode())
+    finally:
+        route.close()
+        host.close()
 
 
 def test_parse_cgi() -> None:

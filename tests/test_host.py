@@ -20,6 +20,45 @@ def test_run_captures_stdout_and_returns_exit_code(guests: dict[str, Path], tmp_
     assert host.run(guests["probe"], ["exit", "5"]) == 5
 
 
+def test_run_stdin_from_bytes(guests: dict[str, Path], tmp_path: Path) -> None:
+    """stdin given as bytes: no file to write (how routes pass request bodies)."""
+    host = Host(module_cache=tmp_path)
+    body = bytes(range(256)) * 600  # binary, and more than one read
+    for given in (body, bytearray(body), memoryview(body)):
+        out: list[bytes] = []
+        assert host.run(guests["probe"], ["stdin"], stdin=given, stdout=out.append) == 0
+        assert b"".join(out) == body
+    out = []
+    assert host.run(guests["probe"], ["stdin"], stdin=b"", stdout=out.append) == 0
+    assert b"".join(out) == b""
+
+
+def test_instance_pool(guests: dict[str, Path], tmp_path: Path) -> None:
+    """wasmtime's pooling allocator: slots come back as stores go; past N alive, a clear
+    error, and the host goes on."""
+    host = Host(module_cache=tmp_path, instance_pool=2)
+    module = host.compile(guests["probe"])
+    linker = host.linker()
+    held = []
+    for _ in range(2):
+        store = host.store()
+        store.set_wasi(wasmtime.WasiConfig())
+        held.append((store, linker.instantiate(store, module)))
+    store = host.store()
+    store.set_wasi(wasmtime.WasiConfig())
+    with pytest.raises(wasmtime.WasmtimeError, match="concurrent"):
+        linker.instantiate(store, module)
+    held.clear()  # their slots come back
+    for _ in range(5):
+        out: list[bytes] = []
+        assert host.run(module, ["args", "x"], stdout=out.append) == 0
+        assert b"".join(out) == b"x\n"
+    with pytest.raises(ValueError, match="instance_pool"):
+        Host(engine=wasmtime.Engine(), instance_pool=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        Host(instance_pool=0)
+
+
 def test_run_stdio_files_env_dirs(guests: dict[str, Path], tmp_path: Path) -> None:
     host = Host(module_cache=tmp_path)
     (tmp_path / "in.txt").write_text("hello stdin")

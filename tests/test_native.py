@@ -223,26 +223,3 @@ def test_a_registration_of_another_store_is_never_used(host, ex):
     assert ex.raw("compute", ctx) == SUCCESS
     errno, data, _ = ex.get_output(ctx, 0, z.nbytes)
     assert errno == SUCCESS and data == (x * 3 + y).tobytes()
-
-
-def test_output_captured_in_c_is_bounded(host):
-    """A route's stdout and stderr kept in C: past the limit a write fails (EIO), or with
-    keep_tail only the last bytes stay; wasmtime's finalizer and Python's release both free."""
-    import ctypes
-
-    fp = fast(host)
-    write = ctypes.cast(fp._lib.fp_capture_write,
-                        ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_char_p,
-                                         ctypes.c_size_t))
-    out = fp.capture(10)
-    assert out is not None
-    assert write(out._ptr, b"hello", 5) == 5
-    assert write(out._ptr, b"world!", 6) == -5  # over the limit: EIO, nothing kept of it
-    assert (out.data(), out.overflowed) == (b"hello", True)
-    tail = fp.capture(4, keep_tail=True)
-    assert tail is not None
-    for chunk in (b"ab", b"cde", b"fghijk", b"l"):
-        assert write(tail._ptr, chunk, len(chunk)) == len(chunk)
-    assert (tail.data(), tail.overflowed) == (b"ijkl", False)
-    fp._lib.fp_capture_finalize(ctypes.c_void_p(out._ptr))  # wasmtime's side lets go first
-    del out  # then Python's: freed once, by the last

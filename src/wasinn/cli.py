@@ -411,6 +411,12 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def route_slots(workers: int) -> int:
+    """Pooled instance slots for routes run by `workers`: each running request holds one, and
+    so may each Store waiting to be dropped after its response (at most `workers`)."""
+    return 2 * workers + 2
+
+
 def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
     """The --route guests (compiled and linked now: a bad module fails at start-up) and the
     pool of workers they share (None without routes)."""
@@ -511,7 +517,8 @@ def serve_main(args: argparse.Namespace) -> int:
         cache = cache_config(args)
         upstream = upstream_config(args)
         host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter(),
-                    backend_options=SERVER_BACKENDS)
+                    backend_options=SERVER_BACKENDS,
+                    instance_pool=route_slots(args.route_workers) if args.route else None)
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,10 +18,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wasmtime import _ffi as ffi
 
 from ..modcache import default_cache_dir
+
+if TYPE_CHECKING:
+    import wasmtime
 
 log = logging.getLogger("wasinn")
 
@@ -49,7 +53,7 @@ def _build(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [sys.executable, "-m", "ziglang", "cc", "-shared", "-fPIC", "-O2",
-               "-std=c11", "-o", str(out), str(SOURCE)]
+               "-std=c11", "-pthread", "-o", str(out), str(SOURCE)]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(out, target)
     return target
@@ -81,11 +85,12 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c]
     lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
     lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
-    lib.fp_capture_new.restype = _c
-    lib.fp_capture_new.argtypes = [ctypes.c_size_t, ctypes.c_int]
-    lib.fp_capture_release.argtypes = [_c]
-    lib.fp_capture_read.restype = ctypes.c_size_t
-    lib.fp_capture_read.argtypes = [_c, _c, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int)]
+    lib.fp_reaper_new.restype = _c
+    lib.fp_reaper_new.argtypes = [_c, ctypes.c_size_t]
+    lib.fp_reaper_drop.restype = ctypes.c_int
+    lib.fp_reaper_drop.argtypes = [_c, _c]
+    lib.fp_reaper_settle.argtypes = [_c]
+    lib.fp_reaper_close.argtypes = [_c]
     return lib
 
 
@@ -163,10 +168,10 @@ class FastPath:
                            ctypes.byref(entries))
         return hits.value, misses.value, entries.value
 
-    def capture(self, limit: int, keep_tail: bool = False) -> Capture | None:
-        """A WASI output stream kept in C (see Capture); None if out of memory."""
-        ptr = self._lib.fp_capture_new(limit, int(keep_tail))
-        return Capture(self._lib, ptr) if ptr else None
+    def reaper(self, max_pending: int) -> Reaper | None:
+        """A thread in C that deletes Stores handed to it (see Reaper); None if out of memory."""
+        ptr = self._lib.fp_reaper_new(_address("wasmtime_store_delete"), max_pending)
+        return Reaper(self._lib, ptr) if ptr else None
 
     def __del__(self) -> None:
         table, self._table = self._table, 0
@@ -174,40 +179,37 @@ class FastPath:
             self._lib.fp_release(table)
 
 
-_WRITE = ctypes.CFUNCTYPE(ctypes.c_ssize_t, _c, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
-_FINALIZE = ctypes.CFUNCTYPE(None, _c)
-
-
-class Capture:
-    """A guest's stdout or stderr kept by C code, bounded (past the limit writes fail with
-    EIO, or only the tail is kept). A Python callback would cost a call into Python on one of
-    wasmtime's threads per write (66 us measured, against 0.5 us to a file)."""
+class Reaper:
+    """Deletes finished Stores on a thread of its own (in C, so it never waits for the GIL),
+    at most `max_pending` at a time: a response need not wait for its Store's teardown.
+    Hand over only a Store whose wasi-nn state is forgotten and that holds no Python callback
+    (its delete must run no Python: a route's outputs are files)."""
 
     def __init__(self, lib: ctypes.CDLL, ptr: int) -> None:
         self._lib = lib
         self._ptr = ptr
 
-    def attach(self, wasi: object, stream: str) -> None:
-        """Make this the `stream` ("stdout" or "stderr") of a wasmtime.WasiConfig."""
-        setter = getattr(ffi, f"wasi_config_set_{stream}_custom")
-        setter(wasi.ptr(), ctypes.cast(self._lib.fp_capture_write, _WRITE),  # type: ignore[attr-defined]
-               self._ptr, ctypes.cast(self._lib.fp_capture_finalize, _FINALIZE))
+    def drop(self, store: wasmtime.Store) -> bool:
+        """Take `store` (it is closed for Python); False: the reaper is full, nothing taken."""
+        if not self._ptr:
+            return False
+        pointer = store.ptr()
+        if not self._lib.fp_reaper_drop(self._ptr, ctypes.cast(pointer, _c)):
+            return False
+        store._consume()  # the reaper deletes it now: Python's delete must not
+        return True
 
-    def data(self) -> bytes:
-        overflowed = ctypes.c_int()
-        size = self._lib.fp_capture_read(self._ptr, None, 0, ctypes.byref(overflowed))
-        buffer = ctypes.create_string_buffer(size)
-        size = min(size, self._lib.fp_capture_read(self._ptr, buffer, size,
-                                                   ctypes.byref(overflowed)))
-        return buffer.raw[:size]
+    def settle(self) -> None:
+        """Wait until every Store handed over is deleted."""
+        if self._ptr:
+            self._lib.fp_reaper_settle(self._ptr)
 
-    @property
-    def overflowed(self) -> bool:
-        overflowed = ctypes.c_int()
-        self._lib.fp_capture_read(self._ptr, None, 0, ctypes.byref(overflowed))
-        return bool(overflowed.value)
-
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Delete what is queued and stop the thread."""
         ptr, self._ptr = self._ptr, 0
         if ptr:
-            self._lib.fp_capture_release(ptr)
+            self._lib.fp_reaper_close(ptr)
+
+    def __del__(self) -> None:
+        self.close()
+
