@@ -7,7 +7,10 @@ The route: guests/edge_classify.c, WAGI-style (`wasinn serve --route`), classify
 EfficientNet-Lite0 through load_by_name. Each request is a fresh instance.
 
 Part 1, per-request latency in process (`WagiRoute.handle`: a new Store, WASI with the body
-on stdin, instantiate, `_start`, parse the CGI answer), for each way to start an instance:
+on stdin, instantiate, `_start`, parse the CGI answer), for each way to start an instance, on
+a Host made as `wasinn serve --route` makes it (pooled instance slots, onnxruntime's threads
+idle between runs). After each request the bench waits, untimed, for the route's Store to be
+deleted (it goes after the response), so that the delete never runs inside the next timing:
 
 1. cold: the module compiled for every request (no module cache), then linked;
 2. module cache: the compiled module read back from the on-disk cache for every request
@@ -201,8 +204,8 @@ def report_latency(steps: Sequence[Step]) -> bool:
                      *(ms(statistics.median(s.parts.get(part, [0.0])))
                        for part in ("setup", "instantiate", "run"))))
     print_table(rows, left=1)
-    print("  (setup: Store, WASI config and the body's stdin file; run: the guest's _start, "
-          "inference included; the cold steps' p50 include making the route)")
+    print("  (setup: Store, WASI config with the body as stdin and output files; run: the "
+          "guest's _start, inference included; the cold steps' p50 include making the route)")
     warm = [s for s in steps if s.name.startswith(("4", "5"))]
     best = min(warm, key=lambda s: s.over_s)
     ok = best.over_s <= TARGET_OVER_MS / 1e3
