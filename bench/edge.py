@@ -19,10 +19,7 @@ deleted (it goes after the response), so that the delete never runs inside the n
    request (`Linker.instantiate`);
 4. linking reused: one `InstancePre` for all requests;
 5. pre-initialized: `wasinn preinit` ran the guest's init once (model bound by name, labels
-   read); every instance starts from that snapshot, from one `InstancePre`;
-6. step 5 with the instance made ahead (`prewarm=1`): the Store and instance are made after
-   the previous response (untimed here, as the server's worker makes it after answering);
-   the request sets its WASI on it and runs `_start`.
+   read); every instance starts from that snapshot, from one `InstancePre`.
 
 Beside each step, the inference inside the request on its own: onnxruntime's `run` on the
 same session with the same input, timed in the same rounds (the two alternate, so noise hits
@@ -30,8 +27,7 @@ both). `over inference` = request - inference, medians. Target (issue 7): a warm
 (steps 4 and 5) costs <= 1 ms more than the inference inside it.
 
 Part 2, requests per second over HTTP: `wasinn serve --route /classify=...` (pre-initialized
-module, linking reused), with `--route-prewarm 1` (the default) and 0, in a subprocess on
-loopback, N clients each with one request in flight
+module, linking reused) in a subprocess on loopback, N clients each with one request in flight
 on a keep-alive connection, for each `--clients` level; every answer is checked (200, the same
 top-1 class).
 """
@@ -53,7 +49,7 @@ import numpy as np
 from _common import (CLASSIFIER, EXAMPLE_OUT, IMAGE, GUESTS_OUT, HttpConnection, Server,
                      build_guests, classifier_input, prepare_classifier, print_table)
 from wasinn.backends.onnx import OnnxGraph
-from wasinn.cli import ROUTE_PREWARM, ROUTE_WORKERS, SERVER_BACKENDS, route_slots
+from wasinn.cli import ROUTE_WORKERS, SERVER_BACKENDS, route_slots
 from wasinn.host import Host, Preopen
 from wasinn.preinit import preinitialize
 from wasinn.server import WagiRequest, WagiResponse, WagiRoute
@@ -143,8 +139,7 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
     # as `wasinn serve --route` makes it: pooled instance slots, onnxruntime's workers idle
     # (not spinning) between runs
     host = Host(models=[f"{MODEL}:onnx:cpu:{CLASSIFIER}"], module_cache=workdir / "modules",
-                instance_pool=route_slots(ROUTE_WORKERS, routes=4, prewarm=1),
-                backend_options=SERVER_BACKENDS)
+                instance_pool=route_slots(ROUTE_WORKERS), backend_options=SERVER_BACKENDS)
     try:
         graph = host.registry.get(MODEL)
         assert isinstance(graph, OnnxGraph)
@@ -155,9 +150,9 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         def infer() -> object:
             return session.run(None, feeds)
 
-        def route(module: Path, reuse_linking: bool = True, prewarm: int = 0) -> WagiRoute:
+        def route(module: Path, reuse_linking: bool = True) -> WagiRoute:
             return WagiRoute(host, module, route="/classify", env=ROUTE_ENV, dirs=ROUTE_DIRS,
-                             reuse_linking=reuse_linking, prewarm=prewarm)
+                             reuse_linking=reuse_linking)
 
         def fresh_route(cached: bool) -> Callable[[], WagiResponse]:
             def serve() -> WagiResponse:
@@ -177,11 +172,6 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         linked_per_request = route(guest, reuse_linking=False)
         reused = route(guest)
         preinit = route(preinit_wasm)
-        prewarmed = route(preinit_wasm, prewarm=1)
-
-        def settle_and_prepare() -> None:  # what the server's worker does after a response
-            prewarmed.settle()
-            prewarmed.prepare()
         plan: list[tuple[str, Callable[[], WagiResponse], WagiRoute | None]] = [
             ("1 cold: compile + link", fresh_route(cached=False), None),
             ("2 module cache + link", fresh_route(cached=True), None),
@@ -190,18 +180,15 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
             ("4 linking reused (InstancePre)", lambda: reused.handle(request_of(body)), reused),
             ("5 pre-initialized + InstancePre", lambda: preinit.handle(request_of(body)),
              preinit),
-            ("6 step 5 + instance made ahead", lambda: prewarmed.handle(request_of(body)),
-             prewarmed),
         ]
         steps = []
         for name, serve, settles in plan:
             cold = settles is None
-            settle = (settle_and_prepare if settles is prewarmed
-                      else settles.settle if settles else lambda: None)
             steps.append(measure_step(name, serve, infer, expected,
                                       max(3, args.requests // 4) if cold else args.requests,
-                                      1 if cold else args.warmup, settle=settle))
-        for r in (linked_per_request, reused, preinit, prewarmed):
+                                      1 if cold else args.warmup,
+                                      settle=settles.settle if settles else lambda: None))
+        for r in (linked_per_request, reused, preinit):
             r.close()
         return steps
     finally:
@@ -219,7 +206,7 @@ def report_latency(steps: Sequence[Step]) -> bool:
     print_table(rows, left=1)
     print("  (setup: Store, WASI config with the body as stdin and output files; run: the "
           "guest's _start, inference included; the cold steps' p50 include making the route)")
-    warm = [s for s in steps if s.name.startswith(("4", "5", "6"))]
+    warm = [s for s in steps if s.name.startswith(("4", "5"))]
     best = min(warm, key=lambda s: s.over_s)
     ok = best.over_s <= TARGET_OVER_MS / 1e3
     print(f"target: a warm request <= {TARGET_OVER_MS:g} ms over its inference: "
@@ -263,12 +250,11 @@ async def run_level(port: int, clients: int, duration: float, body: bytes,
     return Level(clients, seconds, times)
 
 
-async def throughput(args: argparse.Namespace, module: Path, prewarm: int) -> list[Level]:
+async def throughput(args: argparse.Namespace, module: Path) -> list[Level]:
     body = IMAGE.read_bytes()
     workers = max(args.clients)
     server = Server(["--nn-preload", f"{MODEL}:onnx:cpu:{CLASSIFIER}",
                      "--route", f"/classify={module}", "--route-workers", str(workers),
-                     "--route-prewarm", str(prewarm),
                      "--route-env", f"MODEL={MODEL}", "--route-dir", ROUTE_DIRS[0],
                      "--no-cache"])
     try:
@@ -326,11 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\npart 1: per-request latency in process (WagiRoute.handle), medians", flush=True)
         steps = latency_steps(args, guest, workdir)
         ok = report_latency(steps)
-        for prewarm in (ROUTE_PREWARM, 0):
-            print(f"\npart 2: `wasinn serve --route` on loopback, pre-initialized guest, "
-                  f"--route-prewarm {prewarm}, {args.duration:g} s per level", flush=True)
-            report_throughput(asyncio.run(throughput(
-                args, workdir / f"{GUEST}.preinit.wasm", prewarm)))
+        print(f"\npart 2: `wasinn serve --route` on loopback, pre-initialized guest, "
+              f"{args.duration:g} s per level", flush=True)
+        report_throughput(asyncio.run(throughput(args, workdir / f"{GUEST}.preinit.wasm")))
     return 0 if ok else 1
 
 

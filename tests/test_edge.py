@@ -35,8 +35,7 @@ MAX_MEMORY = 16 << 20
 def host(example_assets: Path, tiny: Path) -> Iterator[Host]:
     model = example_assets / "efficientnet-lite0" / "model.onnx"
     host = Host(models=[f"efficientnet-lite0:onnx:cpu:{model}", f"tiny:GGML:AUTO:{tiny}"],
-                module_cache=False,  # pooled slots, as serve has them
-                instance_pool=route_slots(ROUTE_WORKERS, routes=8, prewarm=1))
+                module_cache=False, instance_pool=route_slots(ROUTE_WORKERS))  # as serve has it
     host.registry.preload_all()
     yield host
     host.close()
@@ -51,8 +50,8 @@ def server(host: Host, guests: dict[str, Path], example_assets: Path) -> Iterato
         WagiRoute(host, guests["edge_chat"], route="/chat",
                   env={"MODEL": "tiny", "N_PREDICT": str(N_PREDICT), "TEMP": "0"}, pool=pool),
         WagiRoute(host, guests["edge_test"], route="/test", env={"GREETING": "hello"},
-                  timeout=TIMEOUT, max_memory=MAX_MEMORY, pool=pool, prewarm=1),
-    ]  # /test as serve makes routes: an instance made ahead after each response
+                  timeout=TIMEOUT, max_memory=MAX_MEMORY, pool=pool),
+    ]
     try:
         with LoopbackServer(create_app(host, routes=routes)) as running:
             yield running.url
@@ -337,35 +336,6 @@ def test_finished_stores_go_and_their_slots_come_back(example_assets: Path,
         host.close()
 
 
-def test_instances_made_ahead_serve_one_request_each(host: Host,
-                                                     guests: dict[str, Path]) -> None:
-    """prewarm: a Store and instance made before the request, its WASI (this request's body,
-    variables, outputs) set just before `_start`; each instance serves one request."""
-    route = WagiRoute(host, guests["edge_test"], route="/test", env={"GREETING": "hi"},
-                      prewarm=2)
-    try:
-        route.prepare()
-        assert len(route._ready) == 2
-        for i in range(5):
-            response = route.handle(WagiRequest(method="POST", path="/test/echo", query=f"n={i}",
-                                                body=f"body {i}".encode()))
-            text = response.body.decode()
-            assert response.status == 200, text
-            assert "served=1" in text  # a fresh instance, never one used before
-            assert f"QUERY_STRING=n={i}" in text and "GREETING=hi" in text
-            assert text.endswith(f"body {i}")
-        assert len(route._ready) == 0  # handle uses them; respond (the server) makes more
-        route.prepare()
-        trapped = route.handle(WagiRequest(path="/test/trap"))
-        assert trapped.status == 500 and "trapped" in trapped.body.decode()
-        assert route.handle(WagiRequest(path="/test/status")).status == 404
-    finally:
-        route.close()
-    assert route._ready == []
-    with pytest.raises(ValueError, match="prewarm"):
-        WagiRoute(host, guests["edge_test"], prewarm=-1)
-
-
 def test_parse_cgi() -> None:
     answer = parse_cgi(b"Content-Type: text/plain\r\nStatus: 201 Created\r\nX-A: 1\r\n\r\nok")
     assert (answer.status, answer.headers, answer.body) == (
@@ -384,17 +354,14 @@ def test_route_options_and_config(tmp_path: Path) -> None:
     config.write_text('route = ["/classify=guests/edge_classify.wasm"]\n'
                       'route-dir = ["assets:/data"]\n'
                       'route-env = ["MODEL=efficientnet-lite0"]\n'
-                      'route-timeout = 5\nroute-max-memory = "64M"\nroute-workers = 2\n'
-                      'route-prewarm = 0\n')
+                      'route-timeout = 5\nroute-max-memory = "64M"\nroute-workers = 2\n')
     args = merge_serve_config(build_parser().parse_args(
         ["serve", "--config", str(config), "--route", "/chat=chat.wasm", "--route-queue", "0"]))
     assert args.route == [f"/classify={tmp_path}/guests/edge_classify.wasm", "/chat=chat.wasm"]
     assert args.route_dir == [f"{tmp_path}/assets:/data"]
     assert args.route_env == ["MODEL=efficientnet-lite0"]
     assert (args.route_timeout, args.route_max_memory, args.route_workers,
-            args.route_queue, args.route_prewarm) == (5.0, "64M", 2, 0, 0)
-    defaults = merge_serve_config(build_parser().parse_args(["serve"]))
-    assert defaults.route_prewarm == 1
+            args.route_queue) == (5.0, "64M", 2, 0)
 
 
 def test_bad_routes_get_a_clear_error(tiny: Path, guests: dict[str, Path],

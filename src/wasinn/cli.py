@@ -160,7 +160,6 @@ SERVER_BACKENDS = {GraphEncoding.ONNX: {"spin_after_run": False}}
 UPSTREAM_KEY_ENV = "WASINN_UPSTREAM_API_KEY"
 ROUTE_TIMEOUT = 30.0
 ROUTE_WORKERS = 4
-ROUTE_PREWARM = 1
 
 _DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -254,9 +253,6 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="cap on each route request's guest linear memory, e.g. 256M")
     serve.add_argument("--route-workers", type=int, metavar="N",
                        help=f"route requests running at once (default {ROUTE_WORKERS})")
-    serve.add_argument("--route-prewarm", type=int, metavar="N",
-                       help=f"instances each route keeps made ahead of its requests, each "
-                            f"used once (default {ROUTE_PREWARM}; 0: made per request)")
     serve.add_argument("--route-queue", type=int, metavar="N",
                        help="route requests waiting for a worker; more are a 503 (default: "
                             "as many as the workers)")
@@ -328,7 +324,6 @@ _SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
     "cache-ttl": (str, int, float), "cache-max-entries": int, "upstream": str,
     "upstream-timeout": (float, int), "upstream-key": str,
     "route-timeout": (float, int), "route-max-memory": (str, int), "route-workers": int,
-    "route-prewarm": int,
     "route-queue": int}
 _SERVE_LISTS = ("nn-preload", "route", "route-env", "route-dir")
 
@@ -411,19 +406,15 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     args.route_workers = ROUTE_WORKERS if args.route_workers is None else args.route_workers
     if args.route_workers < 1:
         raise ConfigError("--route-workers must be at least 1")
-    args.route_prewarm = ROUTE_PREWARM if args.route_prewarm is None else args.route_prewarm
-    if args.route_prewarm < 0:
-        raise ConfigError("--route-prewarm cannot be negative")
     if args.route_queue is not None and args.route_queue < 0:
         raise ConfigError("--route-queue cannot be negative")
     return args
 
 
-def route_slots(workers: int, routes: int = 1, prewarm: int = 0) -> int:
-    """Pooled instance slots for `routes` run by `workers`: each running request holds one,
-    and so may each Store waiting to be dropped after its response (at most `workers`) and
-    each instance a route keeps made ahead."""
-    return 2 * workers + 2 + routes * prewarm
+def route_slots(workers: int) -> int:
+    """Pooled instance slots for routes run by `workers`: each running request holds one, and
+    so may each Store waiting to be dropped after its response (at most `workers`)."""
+    return 2 * workers + 2
 
 
 def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
@@ -445,9 +436,7 @@ def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
             if not module.is_file():
                 raise ConfigError(f"--route {text}: no such module {module}")
             routes.append(WagiRoute(host, module, route=path, timeout=args.route_timeout,
-                                    max_memory=max_memory, env=env, dirs=dirs, pool=pool,
-                                    prewarm=args.route_prewarm))
-            routes[-1].prepare()  # the first request finds one too
+                                    max_memory=max_memory, env=env, dirs=dirs, pool=pool))
     except BaseException:
         pool.close()
         raise
@@ -529,8 +518,7 @@ def serve_main(args: argparse.Namespace) -> int:
         upstream = upstream_config(args)
         host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter(),
                     backend_options=SERVER_BACKENDS,
-                    instance_pool=route_slots(args.route_workers, len(args.route),
-                                              args.route_prewarm) if args.route else None)
+                    instance_pool=route_slots(args.route_workers) if args.route else None)
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE

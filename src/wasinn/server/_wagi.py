@@ -138,20 +138,13 @@ class WagiRoute:
     `max_memory` (bytes of linear memory; None: the host's) limit each request; `env` and
     `dirs` (preopened directories) are given to every instance. The guest may write at most
     `max_output` bytes. Turn `reuse_linking` off to link every request anew (to measure it).
-
-    `prewarm` instances are kept ready: a Store with its wasi-nn state and limits, already
-    instantiated, used by one request only (its WASI, the request's, is set just before
-    `_start`; wasi-libc reads argv, env and stdin there). A route served through `respond`
-    makes the next one after each response; `prepare()` makes them now.
     """
 
     def __init__(self, host: Host, module: str | os.PathLike[str], *, route: str = "/",
                  timeout: float | None = DEFAULT_TIMEOUT, max_memory: int | None = None,
                  env: Mapping[str, str] | None = None, dirs: Iterable[Preopen | str] = (),
                  reuse_linking: bool = True, max_output: int = DEFAULT_MAX_OUTPUT,
-                 pool: WagiPool | None = None, prewarm: int = 0) -> None:
-        if prewarm < 0:
-            raise ValueError(f"prewarm cannot be negative, got {prewarm}")
+                 pool: WagiPool | None = None) -> None:
         if not route.startswith("/"):
             raise ValueError(f"route {route!r}: a route is a path, starting with /")
         self.host = host
@@ -167,9 +160,6 @@ class WagiRoute:
         self.reuse_linking = reuse_linking
         self.max_output = max_output
         self.pool = pool
-        self.prewarm = prewarm
-        self._ready: list[_Ready] = []
-        self._ready_lock = threading.Lock()
         self.module = host.compile(self.module_path)
         if not any(e.name == "_start" for e in self.module.exports):
             raise ValueError(f"{self.module_path}: not a WASI command (no _start export)")
@@ -197,10 +187,6 @@ class WagiRoute:
         """Wait (at most `timeout` s) until wasmtime has let go of the last requests' output
         callbacks. It drops them on its own I/O threads a moment after a request ends; one
         dropped while the interpreter exits aborts the process, so call this before exiting."""
-        with self._ready_lock:
-            ready, self._ready = self._ready, []
-        for item in ready:
-            self.host._forget(store_key(item.store), item.state)
         if self._reaper is not None:
             self._reaper.close()
         self._held.wait(timeout)
@@ -217,55 +203,16 @@ class WagiRoute:
 
     async def respond(self, request: WagiRequest) -> WagiResponse:
         """`handle` on the route's pool (503 when it is full), or on a thread of its own."""
-        answer: Future[WagiResponse] = Future()
         if self.pool is None:
-            threading.Thread(target=self._serve, args=(request, answer), daemon=True).start()
-            return await asyncio.wrap_future(answer)
-        future = self.pool.submit(self._serve, request, answer)
+            return await asyncio.to_thread(self.handle, request)
+        future = self.pool.submit(self.handle, request)
         if future is None:
             response = WagiResponse.failure(
                 503, f"{self.route}: all {self.pool.workers} workers are busy and "
                      f"{self.pool.queue} requests wait; try again")
             response.headers.append(("Retry-After", "1"))
             return response
-        return await asyncio.wrap_future(answer)
-
-    def _serve(self, request: WagiRequest, answer: Future[WagiResponse]) -> None:
-        """`handle`, its answer given as soon as it is made; then the next instance made."""
-        try:
-            answer.set_result(self.handle(request))
-        except BaseException as e:  # pragma: no cover - handle answers what guests do
-            answer.set_exception(e)
-        self.prepare()
-
-    def prepare(self) -> None:
-        """Make ready instances until `prewarm` wait (one that cannot be made is left to the
-        request, which then answers why)."""
-        while self.prewarm:
-            with self._ready_lock:
-                if len(self._ready) >= self.prewarm:
-                    return
-            try:
-                item = self._instance()
-            except (wasmtime.WasmtimeError, PreinitError) as e:
-                log.debug("%s: no instance made ahead: %s", self.route, e)
-                return
-            with self._ready_lock:
-                self._ready.append(item)
-
-    def _instance(self) -> _Ready:
-        """A Store with its wasi-nn state and limits, and a fresh instance in it (no WASI
-        yet). Raises what instantiation raises."""
-        host = self.host
-        store = wasmtime.Store(host.engine)
-        state = host.add_to_store(store, preinit=self._preinit)
-        try:
-            if self.max_memory is not None:
-                store.set_limits(memory_size=self.max_memory)
-            return _Ready(store, state, self._instantiate(store))
-        except BaseException:
-            host._forget(store_key(store), state)
-            raise
+        return await asyncio.wrap_future(future)
 
     def handle(self, request: WagiRequest) -> WagiResponse:
         """Run a fresh instance on `request`, in this thread. A guest that fails (traps, exits
@@ -275,21 +222,18 @@ class WagiRoute:
         stdout = self._capture(self.max_output)
         stderr = self._capture(_STDERR_KEPT, keep_tail=True)
         host = self.host
-        with self._ready_lock:
-            made = self._ready.pop() if self._ready else None
-        store = wasmtime.Store(host.engine) if made is None else made.store
-        state = None if made is None else made.state
+        store = wasmtime.Store(host.engine)
+        state = None
         # every answer is made while the Store lives: a file capture's length is read from
         # wasmtime's descriptor of it, which goes with the Store
         try:
             store.set_wasi(self._wasi(request, stdout, stderr))
-            if made is None:
-                state = host.add_to_store(store, preinit=self._preinit)
-                if self.max_memory is not None:
-                    store.set_limits(memory_size=self.max_memory)
+            state = host.add_to_store(store, preinit=self._preinit)
+            if self.max_memory is not None:
+                store.set_limits(memory_size=self.max_memory)
             setup = time.perf_counter()
             with host._ticker.deadline(store, self.timeout):
-                instance = self._instantiate(store) if made is None else made.instance
+                instance = self._instantiate(store)
                 ready = time.perf_counter()
                 code = _run_start(instance, store)
             ran = time.perf_counter()
@@ -414,15 +358,6 @@ class WagiRoute:
                 continue  # CGI gives these without the prefix
             env[key] = f"{env[key]}, {value}" if key in env else value
         return env
-
-
-@dataclass
-class _Ready:
-    """An instance made before its request: its Store, that Store's wasi-nn state."""
-
-    store: wasmtime.Store
-    state: Any
-    instance: wasmtime.Instance
 
 
 def parse_cgi(output: bytes) -> WagiResponse:
