@@ -401,8 +401,17 @@ class WitxAbi:
         except BaseException:
             state.forget_outputs(ctx)
             raise
-        if not state.output_pins or getattr(context, "outputs_in_place", False):
-            return 0  # nothing pinned, or the same arrays rewritten: registrations hold
+        if getattr(context, "outputs_in_place", False):
+            # the same arrays every time: registrations hold, and the first get_output of a
+            # fresh store (a route's every request) can be served in C too
+            if state.fast is not None and state.store_id:
+                names = getattr(state.contexts[ctx][1], "output_names", ())
+                for index in range(len(names)):
+                    if (ctx, index) not in state.output_pins:
+                        state.pin_output(ctx, index, context.get_output(index))
+            return 0
+        if not state.output_pins:
+            return 0  # nothing pinned
         # a loop reads the same outputs again: pin the new ones, so C can answer them
         for index in [index for c, index in state.output_pins if c == ctx]:
             try:
