@@ -226,3 +226,22 @@ def test_a_registration_of_another_store_is_never_used(host, ex):
     assert ex.raw("compute", ctx) == SUCCESS
     errno, data, _ = ex.get_output(ctx, 0, z.nbytes)
     assert errno == SUCCESS and data == (x * 3 + y).tobytes()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_deadlines_tick_in_c_or_python(guests, native):
+    """A guest past its deadline is stopped whichever thread advances the epoch: the one in C
+    (with the native path), or Python's; and the same host runs the next guest as usual."""
+    from wasinn.server import WagiRequest, WagiRoute
+
+    host = Host(module_cache=False, native=native)
+    route = WagiRoute(host, guests["edge_test"], route="/test", timeout=0.2)
+    try:
+        assert (host._ticker._native is not None) is native
+        for _ in range(2):
+            assert route.handle(WagiRequest(path="/test/loop")).status == 504
+            assert route.handle(WagiRequest(path="/test/echo")).status == 200
+    finally:
+        route.close()
+        host.close()
+    assert host._ticker._native is None  # closed with the host

@@ -18,7 +18,7 @@ from wasmtime import _bindings as _ffi
 
 from .abi import Limits, NnState, WitxAbi
 from .abi.witx import BufferPool
-from ._native import FastPath
+from ._native import FastPath, Ticker
 from .abi._raw import store_key
 from .backends import Backends
 from .errors import WasiNnError
@@ -131,6 +131,8 @@ class Host:
     def _start_native(self) -> None:
         if self._native:
             self._abi.fast = FastPath.create()
+            if self._abi.fast is not None:
+                self._ticker.use_native(self._abi.fast)
         self._native = None  # decided
 
     def add_to_store(self, store: wasmtime.Store,
@@ -353,7 +355,8 @@ class _Counted:
 
 
 class _EpochTicker:
-    """Advances the engine's epoch while any guest runs under a deadline, and only then."""
+    """Advances the engine's epoch while any guest runs under a deadline, and only then: from
+    a thread in C where the native path is built (`use_native`), else from a Python thread."""
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
@@ -362,11 +365,21 @@ class _EpochTicker:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._native: Ticker | None = None
+
+    def use_native(self, fast: FastPath) -> None:
+        with self._lock:
+            if self._native is None and self._thread is None and not self._stopped:
+                self._native = fast.ticker(self._engine, EPOCH_TICK_S)
 
     def deadline(self, store: wasmtime.Store, timeout: float | None) -> _Deadline:
         return _Deadline(self, store, timeout)
 
-    def _enter(self) -> None:
+    def _enter(self) -> Ticker | None:
+        """The native ticker that counts this guest (give it to `_leave`), or None: Python's."""
+        native = self._native
+        if native is not None and native.enter():
+            return native
         with self._lock:
             self._active += 1
             if self._thread is None:
@@ -374,8 +387,12 @@ class _EpochTicker:
                                                 daemon=True)
                 self._thread.start()
             self._wake.notify()
+        return None
 
-    def _leave(self) -> None:
+    def _leave(self, native: Ticker | None) -> None:
+        if native is not None:
+            native.leave()
+            return
         with self._lock:
             self._active -= 1
 
@@ -393,6 +410,9 @@ class _EpochTicker:
         with self._lock:
             self._stopped = True
             self._wake.notify()
+            native, self._native = self._native, None
+        if native is not None:
+            native.close()
 
 
 class _Deadline:
@@ -400,13 +420,14 @@ class _Deadline:
         self._ticker = ticker
         self._store = store
         self._timeout = timeout
+        self._native: Ticker | None = None
 
     def __enter__(self) -> None:
         if self._timeout is not None:
             ticks = max(1, round(self._timeout / EPOCH_TICK_S))
             self._store.set_epoch_deadline(ticks)
-            self._ticker._enter()
+            self._native = self._ticker._enter()
 
     def __exit__(self, *exc: object) -> None:
         if self._timeout is not None:
-            self._ticker._leave()
+            self._ticker._leave(self._native)

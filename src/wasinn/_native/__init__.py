@@ -85,6 +85,12 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c]
     lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
     lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
+    lib.fp_ticker_new.restype = _c
+    lib.fp_ticker_new.argtypes = [_c, _c, ctypes.c_long]
+    lib.fp_ticker_enter.restype = ctypes.c_int
+    lib.fp_ticker_enter.argtypes = [_c]
+    lib.fp_ticker_leave.argtypes = [_c]
+    lib.fp_ticker_close.argtypes = [_c]
     lib.fp_reaper_new.restype = _c
     lib.fp_reaper_new.argtypes = [_c, ctypes.c_size_t]
     lib.fp_reaper_drop.restype = ctypes.c_int
@@ -168,6 +174,14 @@ class FastPath:
                            ctypes.byref(entries))
         return hits.value, misses.value, entries.value
 
+    def ticker(self, engine: wasmtime.Engine, tick_s: float) -> Ticker | None:
+        """A thread in C that advances `engine`'s epoch every `tick_s` while a guest runs
+        under a deadline (see Ticker); None if out of memory."""
+        ptr = self._lib.fp_ticker_new(_address("wasmtime_engine_increment_epoch"),
+                                      ctypes.cast(engine.ptr(), _c),
+                                      max(1, round(tick_s * 1e6)))
+        return Ticker(self._lib, ptr, engine) if ptr else None
+
     def reaper(self, max_pending: int) -> Reaper | None:
         """A thread in C that deletes Stores handed to it (see Reaper); None if out of memory."""
         ptr = self._lib.fp_reaper_new(_address("wasmtime_store_delete"), max_pending)
@@ -213,3 +227,29 @@ class Reaper:
     def __del__(self) -> None:
         self.close()
 
+
+class Ticker:
+    """Advances an engine's epoch from a thread in C while `enter` outnumbers `leave`: a
+    Python thread took the GIL at every tick, and as each guest started. Holds the engine
+    until closed."""
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, engine: wasmtime.Engine) -> None:
+        self._lib = lib
+        self._ptr = ptr
+        self._engine = engine  # the C thread uses its pointer: it must outlive the thread
+
+    def enter(self) -> bool:
+        """False if no thread could be started (the caller ticks some other way)."""
+        return bool(self._ptr) and bool(self._lib.fp_ticker_enter(self._ptr))
+
+    def leave(self) -> None:
+        if self._ptr:
+            self._lib.fp_ticker_leave(self._ptr)
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, 0
+        if ptr:
+            self._lib.fp_ticker_close(ptr)
+
+    def __del__(self) -> None:
+        self.close()
