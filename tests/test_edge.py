@@ -319,6 +319,32 @@ def test_stderr_keeps_the_last_words(host: Host, guests: dict[str, Path]) -> Non
         route.close()
 
 
+def test_output_files_that_cannot_be_made(host: Host, guests: dict[str, Path],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No in-memory file (e.g. out of descriptors): the request's output goes through Python
+    callbacks instead; one that cannot be opened by wasmtime: a 500, and the route goes on."""
+    from wasinn.server import _wagi
+
+    route = WagiRoute(host, guests["edge_test"], route="/test")
+    try:
+        def no_memfd(*args: object, **kwargs: object) -> None:
+            raise OSError(24, "Too many open files")
+
+        with monkeypatch.context() as m:
+            m.setattr(_wagi._FileCapture, "__init__", no_memfd)
+            slow = route.handle(WagiRequest(method="POST", path="/test/echo", body=b"hi"))
+        assert slow.status == 200 and slow.body.endswith(b"hi")
+        with monkeypatch.context() as m:
+            m.setattr(_wagi._FileCapture, "attach", no_memfd)
+            failed = route.handle(WagiRequest(path="/test/echo"))
+        assert failed.status == 500
+        assert failed.body.startswith(b"the guest could not start: [Errno 24]")
+        assert route.handle(WagiRequest(method="POST", path="/test/echo",
+                                        body=b"again")).body.endswith(b"again")
+    finally:
+        route.close()
+
+
 def test_finished_stores_go_and_their_slots_come_back(example_assets: Path,
                                                       guests: dict[str, Path]) -> None:
     """Stores are deleted after their responses (in C): with 2 pooled slots, 12 requests

@@ -173,7 +173,7 @@ class WagiRoute:
         self._held = HeldCallbacks()
         self._linker = host.linker()
         # finished requests' Stores are deleted after their responses, in C, where the host's
-        # native path is built (their outputs are C captures then: no Python runs there)
+        # native path is built (when their outputs are files: no Python runs there)
         fast = host._abi.fast
         self._reaper = None if fast is None else fast.reaper(
             DEFAULT_WORKERS if pool is None else pool.workers)
@@ -252,6 +252,9 @@ class WagiRoute:
         except wasmtime.WasmtimeError as e:  # e.g. instantiation over the memory limit
             return self._failed(500, f"the guest could not start: {_cause(str(e))}",
                                 stderr, {"total": time.perf_counter() - start})
+        except OSError as e:  # its output files could not be set up
+            return self._failed(500, f"the guest could not start: {e}", stderr,
+                                {"total": time.perf_counter() - start})
         finally:
             if state is not None:
                 host._forget(store_key(store), state)
@@ -297,8 +300,11 @@ class WagiRoute:
         """An in-memory file where Linux offers one (wasmtime writes it as it writes a file),
         else a Python callback per write."""
         if _FileCapture.available:
-            return _FileCapture(limit, keep_tail,
-                                _STDERR_ROOM if keep_tail else limit + _OVERFLOW_ROOM)
+            try:
+                return _FileCapture(limit, keep_tail,
+                                    _STDERR_ROOM if keep_tail else limit + _OVERFLOW_ROOM)
+            except OSError as e:  # e.g. out of descriptors: this request goes the slow way
+                log.warning("%s: no in-memory file for the guest's output: %s", self.route, e)
         return _Capture(self._held, limit, keep_tail)
 
     def _failed(self, status: int, reason: str, stderr: Captured,
@@ -450,11 +456,12 @@ class _FileCapture:
     wasmtime writes a file with write(2) on the guest's own thread; its C API's custom output
     streams go through its async runtime instead, and two of them cost 0.7-1 ms a request,
     written to or not (measured on the edge classifier). The file is sized, sparse, to `room`
-    bytes (stdout: 64 MiB past `limit`, so that passing `limit` is seen) and sealed against growth;
-    a write that would pass that fails (the guest sees EPERM). What the guest wrote is the offset of wasmtime's own descriptor of the file (it
-    reopens the file by its /proc path), read in `finish` while the descriptor is open. Past
-    `limit`, `overflowed` says so (stdout: the server's 500), or, with `keep_tail`, only the
-    last `limit` bytes are kept (stderr)."""
+    bytes (stdout: 64 MiB past `limit`, so that passing `limit` is seen) and sealed against
+    growth: a write that would pass that fails (the guest sees EPERM). What the guest wrote is
+    the offset of wasmtime's own descriptor of the file (it reopens the file by its /proc
+    path), read in `finish` while that descriptor is open. Past `limit`, `overflowed` says so
+    (stdout: the server's 500), or, with `keep_tail`, only the last `limit` bytes are kept
+    (stderr)."""
 
     available = (hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
                  and os.path.isdir("/proc/self/fdinfo"))
