@@ -472,6 +472,7 @@ class _FileCapture:
         self._limit = limit
         self._keep_tail = keep_tail
         self._room = room
+        self._fd = -1
         self._fd = os.memfd_create("wasinn-output", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._ino = os.fstat(self._fd).st_ino
         self._theirs = -1
@@ -526,7 +527,7 @@ class _FileCapture:
         return os.pread(self._fd, size, start)
 
     def __del__(self) -> None:
-        fd, self._fd = self._fd, -1
+        fd, self._fd = getattr(self, "_fd", -1), -1  # -1: __init__ failed before it had one
         if fd >= 0:
             os.close(fd)
 
