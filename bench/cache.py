@@ -374,14 +374,19 @@ async def measure(sides: Sequence[WasinnSide | GPTCacheSide], queries: list[str]
 
 async def embedding_alone(embedder: OnnxEmbedder, gpt: GPTCacheOnnx,
                           queries: list[str]) -> tuple[Lookups, Lookups]:
+    """Each side BLOCK questions in a row, as in the lookups: GPTCache's session spins its
+    workers on after a run returns, and wasinn's embedding asked just after each of its runs
+    read 10.1 ms instead of 6.4 (p50, this 2-core machine)."""
     ours, theirs = Lookups(), Lookups()
-    for text in queries:
-        start = time.perf_counter()
-        await embedder.embed(EMBEDDING_MODEL, [text])
-        ours.times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        gpt.to_embeddings(text)
-        theirs.times.append(time.perf_counter() - start)
+    for at in range(0, len(queries), BLOCK):
+        for text in queries[at:at + BLOCK]:
+            start = time.perf_counter()
+            await embedder.embed(EMBEDDING_MODEL, [text])
+            ours.times.append(time.perf_counter() - start)
+        for text in queries[at:at + BLOCK]:
+            start = time.perf_counter()
+            gpt.to_embeddings(text)
+            theirs.times.append(time.perf_counter() - start)
     return ours, theirs
 
 
