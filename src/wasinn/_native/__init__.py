@@ -193,15 +193,33 @@ class FastPath:
             self._lib.fp_release(table)
 
 
-class Reaper:
-    """Deletes finished Stores on a thread of its own (in C, so it never waits for the GIL),
-    at most `max_pending` at a time: a response need not wait for its Store's teardown.
-    Hand over only a Store whose wasi-nn state is forgotten and that holds no Python callback
-    (its delete must run no Python: a route's outputs are files)."""
+class _Worker:
+    """A thread in C that Python owns: `close` (or garbage collection) stops it, through the
+    C function named `_close`, after it finishes what it holds."""
+
+    _close = ""
 
     def __init__(self, lib: ctypes.CDLL, ptr: int) -> None:
         self._lib = lib
         self._ptr = ptr
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, 0
+        if ptr:
+            getattr(self._lib, self._close)(ptr)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Reaper(_Worker):
+    """Deletes finished Stores on a thread of its own (in C, so it never waits for the GIL),
+    at most `max_pending` at a time: a response need not wait for its Store's teardown.
+    Hand over only a Store whose wasi-nn state is forgotten and that holds no Python callback
+    (its delete must run no Python: a route's outputs are files). `close` deletes what is
+    queued first."""
+
+    _close = "fp_reaper_close"
 
     def drop(self, store: wasmtime.Store) -> bool:
         """Take `store` (it is closed for Python); False: the reaper is full, nothing taken."""
@@ -218,24 +236,16 @@ class Reaper:
         if self._ptr:
             self._lib.fp_reaper_settle(self._ptr)
 
-    def close(self) -> None:
-        """Delete what is queued and stop the thread."""
-        ptr, self._ptr = self._ptr, 0
-        if ptr:
-            self._lib.fp_reaper_close(ptr)
 
-    def __del__(self) -> None:
-        self.close()
-
-
-class Ticker:
+class Ticker(_Worker):
     """Advances an engine's epoch from a thread in C while `enter` outnumbers `leave`: a
     Python thread took the GIL at every tick, and as each guest started. Holds the engine
     until closed."""
 
+    _close = "fp_ticker_close"
+
     def __init__(self, lib: ctypes.CDLL, ptr: int, engine: wasmtime.Engine) -> None:
-        self._lib = lib
-        self._ptr = ptr
+        super().__init__(lib, ptr)
         self._engine = engine  # the C thread uses its pointer: it must outlive the thread
 
     def enter(self) -> bool:
@@ -245,11 +255,3 @@ class Ticker:
     def leave(self) -> None:
         if self._ptr:
             self._lib.fp_ticker_leave(self._ptr)
-
-    def close(self) -> None:
-        ptr, self._ptr = self._ptr, 0
-        if ptr:
-            self._lib.fp_ticker_close(ptr)
-
-    def __del__(self) -> None:
-        self.close()

@@ -400,20 +400,27 @@ void fp_reaper_settle(reaper *r) {
     pthread_mutex_unlock(&r->lock);
 }
 
+/* a worker thread's end: *stop set under its lock, the thread woken and waited for (it
+ * finishes what it holds), then its lock and wake-up freed */
+static void worker_stop(pthread_mutex_t *lock, pthread_cond_t *wake, int *stop,
+                        const int *started, pthread_t *thread) {
+    pthread_mutex_lock(lock);
+    *stop = 1;
+    int was_started = *started;
+    pthread_cond_signal(wake);
+    pthread_mutex_unlock(lock);
+    if (was_started)
+        pthread_join(*thread, NULL);
+    pthread_cond_destroy(wake);
+    pthread_mutex_destroy(lock);
+}
+
 /* delete what is queued, stop the thread, free the reaper */
 void fp_reaper_close(reaper *r) {
     if (r == NULL)
         return;
-    pthread_mutex_lock(&r->lock);
-    r->stop = 1;
-    int started = r->started;
-    pthread_cond_signal(&r->wake);
-    pthread_mutex_unlock(&r->lock);
-    if (started)
-        pthread_join(r->thread, NULL);
+    worker_stop(&r->lock, &r->wake, &r->stop, &r->started, &r->thread);
     pthread_cond_destroy(&r->idle);
-    pthread_cond_destroy(&r->wake);
-    pthread_mutex_destroy(&r->lock);
     free(r->queue);
     free(r);
 }
@@ -492,14 +499,6 @@ void fp_ticker_leave(ticker *t) {
 void fp_ticker_close(ticker *t) {
     if (t == NULL)
         return;
-    pthread_mutex_lock(&t->lock);
-    t->stop = 1;
-    int started = t->started;
-    pthread_cond_signal(&t->wake);
-    pthread_mutex_unlock(&t->lock);
-    if (started)
-        pthread_join(t->thread, NULL);
-    pthread_cond_destroy(&t->wake);
-    pthread_mutex_destroy(&t->lock);
+    worker_stop(&t->lock, &t->wake, &t->stop, &t->started, &t->thread);
     free(t);
 }
