@@ -50,14 +50,6 @@ static char **load_labels(const char *path, size_t *count) {
     return split_lines(text, len, count);
 }
 
-/* p in [0, 1] with 12 decimals, in integer arithmetic: printf's %g goes through
- * long double, which wasm32 emulates in software (0.2 ms for five numbers) */
-static void print_probability(double p) {
-    const uint64_t scale = 1000000000000ULL;
-    uint64_t v = p <= 0.0 ? 0 : p >= 1.0 ? scale : (uint64_t)(p * (double)scale + 0.5);
-    printf("%d.%012llu", (int)(v / scale), (unsigned long long)(v % scale));
-}
-
 #define DEFAULT_MODEL "efficientnet-lite0"
 #define DEFAULT_LABELS "/data/imagenet_labels.txt"
 
@@ -132,9 +124,7 @@ int main(int argc, char **argv) {
             json_string(stdout, labels[best[r]]);
         else
             fputs("null", stdout);
-        fputs(",\"p\":", stdout);
-        print_probability(prob[best[r]]);
-        fputc('}', stdout);
+        printf(",\"p\":%.9g}", prob[best[r]]);
     }
     printf("]}\n");
     return 0;
