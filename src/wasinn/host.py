@@ -59,8 +59,9 @@ class Host:
     False to compile every time. `instance_pool=N` has wasmtime keep N instance slots whose
     memory stays mapped and resident between instances (its pooling allocator), so a new
     instance maps nothing and its first writes take no page faults; at most N instances of
-    this host's engine are alive at once (a further one fails to instantiate). `native=False` keeps every wasi-nn call in Python (by default
-    a guest's repeated set_input / get_output are served in C, built with zig if installed).
+    this host's engine are alive at once (a further one fails to instantiate).
+    `native=False` keeps every wasi-nn call in Python (by default a guest's repeated
+    set_input / get_output are served in C, built with zig if installed).
 
     >>> host = Host(models=["classifier:onnx:cpu:model.onnx"])
     >>> exit_code = host.run("classify.wasm", ["classifier", "cat.ppm"])
@@ -198,7 +199,8 @@ class Host:
 
     def run(self, module: str | os.PathLike[str] | bytes | wasmtime.Module,
             args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
-            dirs: Iterable[Preopen | str] = (), stdin: Input = None, stdout: Output = None, stderr: Output = None, timeout: float | None = None,
+            dirs: Iterable[Preopen | str] = (), stdin: Input = None, stdout: Output = None,
+            stderr: Output = None, timeout: float | None = None,
             program: str | None = None) -> int:
         """Run a WASI command module to its end and return its exit code.
 
@@ -295,12 +297,12 @@ def _set_input(wasi: wasmtime.WasiConfig, stdin: Input) -> None:
     if stdin is None:
         wasi.inherit_stdin()
     elif isinstance(stdin, (bytes, bytearray, memoryview)):
-        set_stdin_bytes(wasi, stdin)
+        _set_stdin_bytes(wasi, stdin)
     else:
         wasi.stdin_file = str(stdin)
 
 
-def set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes | bytearray | memoryview) -> None:
+def _set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes | bytearray | memoryview) -> None:
     """The guest's stdin reads `data` (copied once into wasmtime): no file to write, open and
     remove, as WAGI bodies needed before (wasmtime-py offers only `stdin_file`)."""
     data = data if isinstance(data, bytes) else bytes(data)

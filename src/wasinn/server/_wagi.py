@@ -27,7 +27,7 @@ import wasmtime
 
 from .. import __version__
 from ..abi._raw import store_key
-from ..host import HeldCallbacks, Host, Preopen, _set_output, set_stdin_bytes
+from ..host import HeldCallbacks, Host, Preopen, _set_input, _set_output
 from ..preinit import PreinitError
 
 log = logging.getLogger("wasinn.server")
@@ -265,16 +265,18 @@ class WagiRoute:
                 self._reaper.drop(store)
 
     def _instantiate(self, store: wasmtime.Store) -> wasmtime.Instance:
-        try:
+        def instantiate() -> wasmtime.Instance:
             return (self._pre.instantiate(store) if self.reuse_linking
                     else self._linker.instantiate(store, self.module))
+
+        try:
+            return instantiate()
         except wasmtime.WasmtimeError:
             if self._reaper is None:
                 raise
             # the host's pooled slots may all be held by Stores waiting for the reaper
             self._reaper.settle()
-            return (self._pre.instantiate(store) if self.reuse_linking
-                    else self._linker.instantiate(store, self.module))
+            return instantiate()
 
     def _answer(self, stdout: Captured, stderr: Captured, code: int, start: float,
                 timings: dict[str, float]) -> WagiResponse:
@@ -323,7 +325,7 @@ class WagiRoute:
         wasi = wasmtime.WasiConfig()
         wasi.argv = [self.module_path.name]
         wasi.env = list({**self.env, **self.cgi_env(request)}.items())
-        set_stdin_bytes(wasi, request.body)
+        _set_input(wasi, request.body)
         stdout.attach(wasi, "stdout")
         stderr.attach(wasi, "stderr")
         for preopen in self.dirs:
