@@ -33,6 +33,37 @@ def test_inputs_and_outputs_by_index(onnx_models: dict[str, Path]) -> None:
         ctx.set_input(0, Tensor.from_array(np.zeros(4, np.float64)))
 
 
+def test_closed_contexts_bindings_serve_the_next(onnx_models: dict[str, Path]) -> None:
+    """A fixed-shape graph's outputs are written in place, through an IOBinding that a
+    closed context leaves to the next (a route makes a context per request); contexts
+    alive together have their own, and every one computes its own inputs."""
+    graph = OnnxBackend().load([onnx_models["add"].read_bytes()], ExecutionTarget.CPU)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def run(ctx: object, y: float) -> np.ndarray:
+        ctx.set_input(0, Tensor.from_array(x))  # type: ignore[attr-defined]
+        ctx.set_input(1, Tensor.from_array(np.full((2, 3), y, np.float32)))  # type: ignore
+        ctx.compute()  # type: ignore[attr-defined]
+        return ctx.get_output(0)  # type: ignore[attr-defined,no-any-return]
+
+    first = graph.init_execution_context()
+    out_first = run(first, 1.0)
+    assert out_first.tolist() == (x + 1).tolist()
+    first.close()
+    second = graph.init_execution_context()
+    out_second = run(second, 10.0)
+    assert out_second is out_first  # the same array, rewritten: the binding was reused
+    assert out_second.tolist() == (x + 10).tolist()
+    third = graph.init_execution_context()  # while the second is open: a binding of its own
+    out_third = run(third, 100.0)
+    assert out_third is not out_second
+    assert out_third.tolist() == (x + 100).tolist()
+    assert out_second.tolist() == (x + 10).tolist()
+    assert run(second, -1.0).tolist() == (x - 1).tolist()
+    second.close()
+    third.close()
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="onnxruntime-gpu with CUDA is installed")
 def test_gpu_target_without_cuda_names_what_is_missing(onnx_models: dict[str, Path]) -> None:
     with pytest.raises(UnsupportedOperation, match="onnxruntime-gpu is not installed") as error:
