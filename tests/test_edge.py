@@ -326,6 +326,7 @@ def test_output_files_that_cannot_be_made(host: Host, guests: dict[str, Path],
     from wasinn.server import _wagi
 
     route = WagiRoute(host, guests["edge_test"], route="/test")
+    route._native_wasi = None  # the Python steps (what runs where C's fail, or are not built)
     try:
         def no_memfd(*args: object, **kwargs: object) -> None:
             raise OSError(24, "Too many open files")
@@ -404,3 +405,40 @@ def test_bad_routes_get_a_clear_error(tiny: Path, guests: dict[str, Path],
     for flags, message in cases.items():
         assert main([*base, *flags]) == EXIT_USAGE, flags
         assert message in capsys.readouterr().err, flags
+
+
+def test_wasi_set_in_c_falls_back_to_python(host: Host, guests: dict[str, Path],
+                                            tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's WASI is set in one C call where the native path is built; where that
+    fails, Python does the same steps and says what failed: here a preopened directory that
+    went away (a 500), then is back (served again)."""
+    from wasinn._native import NativeWasi
+
+    data = tmp_path / "data"
+    data.mkdir()
+    route = WagiRoute(host, guests["edge_test"], route="/test", dirs=[f"{data}:/data"],
+                      env={"GREETING": "a=b"})
+    try:
+        if route._native_wasi is None:
+            pytest.skip("the native path is not built here")
+        # a NUL ends a value there, as in any C string: it never makes a variable of its own
+        echoed = route.handle(WagiRequest(method="POST", path="/test/echo", body=b"hi",
+                                          headers=[("X-Request-Id", "abc\0GREETING=no")]))
+        assert echoed.status == 200 and echoed.body.endswith(b"hi")
+        lines = echoed.body.decode().splitlines()
+        assert "HTTP_X_REQUEST_ID=abc" in lines and "GREETING=a=b" in lines
+        assert "PATH_INFO=/echo" in lines and "REQUEST_METHOD=POST" in lines
+        with monkeypatch.context() as m:
+            m.setattr(NativeWasi, "set", lambda *args: None)
+            slow = route.handle(WagiRequest(method="POST", path="/test/echo", body=b"hey"))
+        assert slow.status == 200 and slow.body.endswith(b"hey")
+        data.rmdir()
+        gone = route.handle(WagiRequest(path="/test/echo"))
+        assert gone.status == 500
+        assert gone.body.startswith(b"the guest could not start: failed to add preopen dir")
+        data.mkdir()
+        assert route.handle(WagiRequest(method="POST", path="/test/echo",
+                                        body=b"back")).body.endswith(b"back")
+    finally:
+        route.close()

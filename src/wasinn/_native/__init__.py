@@ -97,6 +97,16 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_reaper_drop.argtypes = [_c, _c]
     lib.fp_reaper_settle.argtypes = [_c]
     lib.fp_reaper_close.argtypes = [_c]
+    lib.fp_wasi_api_new.restype = _c
+    lib.fp_wasi_api_new.argtypes = [ctypes.POINTER(_c), ctypes.c_size_t]
+    lib.fp_wasi_api_free.argtypes = [_c]
+    _size = ctypes.c_size_t
+    lib.fp_wasi_set.restype = ctypes.c_int
+    lib.fp_wasi_set.argtypes = [_c, _c, ctypes.c_char_p, _size, _size, ctypes.c_char_p, _size,
+                                _size, ctypes.c_char_p, _size, ctypes.c_char_p, _size, _size,
+                                ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int)]
+    lib.fp_written.restype = ctypes.c_int64
+    lib.fp_written.argtypes = [ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -187,10 +197,63 @@ class FastPath:
         ptr = self._lib.fp_reaper_new(_address("wasmtime_store_delete"), max_pending)
         return Reaper(self._lib, ptr) if ptr else None
 
+    def wasi(self) -> NativeWasi | None:
+        """Sets a request's WASI on a store in one call (see NativeWasi); None if out of
+        memory or this wasmtime lacks a function it needs."""
+        funcs = (_c * len(_WASI_FUNCS))(*(_address(name) for name in _WASI_FUNCS))
+        api = self._lib.fp_wasi_api_new(funcs, len(_WASI_FUNCS))
+        return NativeWasi(self._lib, api) if api else None
+
     def __del__(self) -> None:
         table, self._table = self._table, 0
         if table:
             self._lib.fp_release(table)
+
+
+#: the C API functions fp_wasi_set calls, in the order of its wasi_api struct
+_WASI_FUNCS = ("wasi_config_new", "wasi_config_delete", "wasi_config_set_argv",
+               "wasi_config_set_env", "wasm_byte_vec_new", "wasi_config_set_stdin_bytes",
+               "wasi_config_set_stdout_file", "wasi_config_set_stderr_file",
+               "wasi_config_preopen_dir", "wasmtime_context_set_wasi", "wasmtime_error_delete")
+
+
+def pack(strings: Sequence[str]) -> bytes:
+    """Strings for fp_wasi_set: each UTF-8, NUL-terminated, end to end. A NUL inside one ends
+    it there, as it would for any C string."""
+    text = "\0".join(strings)
+    if text.count("\0") != len(strings) - 1:
+        text = "\0".join(s.partition("\0")[0] for s in strings)
+    return text.encode() + b"\0"
+
+
+class NativeWasi:
+    """A route request's WASI (argv, environment, stdin's bytes, preopened directories, and
+    stdout and stderr as sealed in-memory files wasmtime opened) set on a store in one C
+    call: the same steps in Python cost ~0.15 ms a request after the inference's cold
+    caches. Strings come packed (`pack`); environment names and values alternate."""
+
+    def __init__(self, lib: ctypes.CDLL, api: int) -> None:
+        self._lib = lib
+        self._api = api
+        self._set = lib.fp_wasi_set
+        self.written = lib.fp_written
+
+    def set(self, store: wasmtime.Store, argv: bytes, argc: int, env: bytes, envc: int,
+            stdin: bytes, dirs: bytes, ndirs: int, stdout_room: int, stderr_room: int
+            ) -> tuple[int, int, int, int] | None:
+        """(stdout's file, wasmtime's descriptor of it, stderr's, wasmtime's), the first and
+        third now the caller's to close; None if anything failed (nothing is left set)."""
+        fds = (ctypes.c_int * 4)()
+        if self._set(self._api, ctypes.cast(store._context(), _c), argv, len(argv), argc, env,
+                     len(env), envc, stdin, len(stdin), dirs, len(dirs), ndirs, stdout_room,
+                     stderr_room, fds):
+            return None
+        return fds[0], fds[1], fds[2], fds[3]
+
+    def __del__(self) -> None:
+        api, self._api = getattr(self, "_api", 0), 0
+        if api:
+            self._lib.fp_wasi_api_free(api)
 
 
 class _Worker:

@@ -27,6 +27,7 @@ import wasmtime
 
 from .. import __version__
 from ..abi._raw import store_key
+from .._native import NativeWasi, pack
 from ..host import HeldCallbacks, Host, Preopen, _set_input, _set_output
 from ..preinit import PreinitError
 
@@ -177,6 +178,11 @@ class WagiRoute:
         fast = host._abi.fast
         self._reaper = None if fast is None else fast.reaper(
             DEFAULT_WORKERS if pool is None else pool.workers)
+        # each request's WASI set in one C call there (else, or if that fails, in Python)
+        self._native_wasi = fast.wasi() if fast is not None and _FileCapture.available \
+            else None
+        self._argv = pack([self.module_path.name])
+        self._dirs = pack([part for d in self.dirs for part in (str(d.host), d.guest)])
         # resolved now: a module importing what the host lacks fails at start-up, not per call
         self._pre = self._linker.instantiate_pre(self.module)
 
@@ -219,15 +225,20 @@ class WagiRoute:
         non-zero, runs past its deadline, writes no valid headers) is a 500, or a 504 past
         the deadline, whose body says why; nothing here raises for what a guest does."""
         start = time.perf_counter()
-        stdout = self._capture(self.max_output)
-        stderr = self._capture(_STDERR_KEPT, keep_tail=True)
         host = self.host
         store = wasmtime.Store(host.engine)
+        outputs = self._native_outputs(store, request)
+        if outputs is None:
+            stdout = self._capture(self.max_output)
+            stderr = self._capture(_STDERR_KEPT, keep_tail=True)
+        else:
+            stdout, stderr = outputs
         state = None
         # every answer is made while the Store lives: a file capture's length is read from
         # wasmtime's descriptor of it, which goes with the Store
         try:
-            store.set_wasi(self._wasi(request, stdout, stderr))
+            if outputs is None:
+                store.set_wasi(self._wasi(request, stdout, stderr))
             state = host.add_to_store(store, preinit=self._preinit)
             if self.max_memory is not None:
                 store.set_limits(memory_size=self.max_memory)
@@ -319,6 +330,23 @@ class WagiRoute:
         response = WagiResponse.failure(status, reason)
         response.timings = timings
         return response
+
+    def _native_outputs(self, store: wasmtime.Store, request: WagiRequest
+                        ) -> tuple[_FileCapture, _FileCapture] | None:
+        """The request's WASI set on `store` in C, and its stdout and stderr files; None
+        where that is not built, or failed (then nothing is set)."""
+        native = self._native_wasi
+        if native is None:
+            return None
+        env = {**self.env, **self.cgi_env(request)}
+        body = request.body if isinstance(request.body, bytes) else bytes(request.body)
+        fds = native.set(store, self._argv, 1, pack([p for pair in env.items() for p in pair]),
+                         len(env), body, self._dirs, len(self.dirs),
+                         self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM)
+        if fds is None:
+            return None
+        return (_FileCapture.adopt(fds[0], fds[1], self.max_output, False, native),
+                _FileCapture.adopt(fds[2], fds[3], _STDERR_KEPT, True, native))
 
     def _wasi(self, request: WagiRequest, stdout: Captured,
               stderr: Captured) -> wasmtime.WasiConfig:
@@ -479,6 +507,23 @@ class _FileCapture:
         self._ino = os.fstat(self._fd).st_ino
         self._theirs = -1
         self._length = 0
+        self._native: NativeWasi | None = None
+
+    @classmethod
+    def adopt(cls, fd: int, theirs: int, limit: int, keep_tail: bool,
+              native: NativeWasi) -> _FileCapture:
+        """The file `NativeWasi.set` made and had wasmtime open (as `theirs`), sized and
+        sealed as `attach` does; its length is read in C too."""
+        capture = cls.__new__(cls)
+        capture._fd = fd
+        capture._limit = limit
+        capture._keep_tail = keep_tail
+        capture._room = 0  # made already
+        capture._ino = -1
+        capture._theirs = theirs
+        capture._length = 0
+        capture._native = native
+        return capture
 
     def attach(self, wasi: wasmtime.WasiConfig, stream: str) -> None:
         # wasmtime opens the path now, at the lowest free descriptor: most likely this one
@@ -508,6 +553,9 @@ class _FileCapture:
         if self._theirs < 0:
             return
         theirs, self._theirs = self._theirs, -1
+        if self._native is not None:
+            self._length = max(0, self._native.written(self._fd, theirs))
+            return
         try:
             info = os.open(f"/proc/self/fdinfo/{theirs}", os.O_RDONLY)  # open(): 4x slower
             try:
