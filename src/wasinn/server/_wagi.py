@@ -11,6 +11,7 @@ the body on its stdin, the request in CGI variables, and CGI headers + body on i
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import wasmtime
+from wasmtime import _ffi
 
 from .. import __version__
 from ..abi._raw import store_key
@@ -435,13 +437,28 @@ def parse_cgi(output: bytes) -> WagiResponse:
     return WagiResponse(status, headers, output[body_at:])
 
 
+_START = ctypes.create_string_buffer(b"_start", 6)
+
+
 def _run_start(instance: wasmtime.Instance, store: wasmtime.Store) -> int:
-    start = instance.exports(store).get("_start")
-    assert isinstance(start, wasmtime.Func)  # checked when the route was made
-    try:
-        start(store)
-    except wasmtime.ExitTrap as e:
-        return e.code
+    """Call the instance's `_start` through wasmtime's C API: wasmtime-py's call would first
+    wrap every export of the instance and ask the function's type (0.05-0.1 ms a request)."""
+    context = store._context()
+    start = _ffi.wasmtime_extern_t()
+    if not _ffi.wasmtime_instance_export_get(context, ctypes.byref(instance._instance), _START,
+                                             len(_START), ctypes.byref(start)) \
+            or start.kind != _ffi.WASMTIME_EXTERN_FUNC.value:  # checked when the route was made
+        raise wasmtime.WasmtimeError("the instance has no _start function")
+    trap = ctypes.POINTER(_ffi.wasm_trap_t)()
+    error = _ffi.wasmtime_func_call(context, ctypes.byref(start.of.func), None, 0, None, 0,
+                                    ctypes.byref(trap))
+    if error:
+        raised = wasmtime.WasmtimeError._from_ptr(error)
+        if isinstance(raised, wasmtime.ExitTrap):
+            return raised.code
+        raise raised
+    if trap:
+        raise wasmtime.Trap._from_ptr(trap)
     return 0
 
 
