@@ -132,6 +132,17 @@ class OnnxGraph:
         self._spare_bindings.clear()
 
 
+def _same_memory(bound: np.ndarray | None, array: np.ndarray) -> bool:
+    """`array` is the bytes a binding already reads (`bound`, which it keeps alive): the same
+    array, or (a new context given the same pooled buffer, viewed anew) the same address,
+    shape and dtype, both C-contiguous. Rebinding cost ~60 us on an edge route's request."""
+    if bound is array:
+        return True
+    return (bound is not None and bound.shape == array.shape and bound.dtype == array.dtype
+            and bound.flags.c_contiguous and array.flags.c_contiguous
+            and bound.__array_interface__["data"][0] == array.__array_interface__["data"][0])
+
+
 class _Binding:
     """An IOBinding with its output arrays: onnxruntime reads the bound inputs and writes
     the outputs in place. Made once per concurrent context of a graph and reused: a new one
@@ -206,7 +217,7 @@ class OnnxContext(NotStreaming):
             binding = self._binding or self._take_binding()
             bound = binding.inputs
             for name, array in feeds.items():
-                if bound.get(name) is not array:
+                if not _same_memory(bound.get(name), array):
                     binding.io.bind_cpu_input(name, array)
                     bound[name] = array
             binding.run()
