@@ -8,7 +8,9 @@ every way a guest can fail).
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,3 +444,35 @@ def test_wasi_set_in_c_falls_back_to_python(host: Host, guests: dict[str, Path],
                                         body=b"back")).body.endswith(b"back")
     finally:
         route.close()
+
+
+def test_output_files_made_ahead_leave_no_descriptor_behind(host: Host,
+                                                          guests: dict[str, Path]) -> None:
+    """Where the native path is built, a route's reaper thread makes the next requests'
+    stdout and stderr files ahead: each request gets its own (no output seen twice), and
+    once the route is closed every descriptor of those files (its own, wasmtime's) is closed."""
+    def output_files() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += "memfd:wasinn" in os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass  # closed meanwhile
+        return count
+
+    before = output_files()
+    route = WagiRoute(host, guests["edge_test"], route="/test")
+    try:
+        for i in range(12):
+            echoed = route.handle(WagiRequest(method="POST", path="/test/echo",
+                                              body=f"request {i}".encode()))
+            assert echoed.status == 200 and echoed.body.endswith(f"body=request {i}".encode())
+            failed = route.handle(WagiRequest(path="/test/exit"))
+            assert failed.body.decode().endswith("its last words: edge_test: failing on purpose\n")
+        route.settle()
+        if route._native_wasi is not None:  # the next requests' files are ready, open
+            assert output_files() > before
+    finally:
+        route.close()
+    gc.collect()
+    assert output_files() == before

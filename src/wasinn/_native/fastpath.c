@@ -319,198 +319,6 @@ void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
 }
 
 /*
- * A reaper: a thread that deletes finished Stores, so that a request's response does not
- * wait for its Store's teardown (its memory zeroed or unmapped: 0.1-0.3 ms). Python hands
- * over the store pointer (taken from its wasmtime.Store, whose own delete then does nothing)
- * after it has dropped every registration naming that store. No Python runs here: the stores
- * handed over hold no Python callbacks.
- */
-typedef void (*store_delete_fn)(void *store);
-
-typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake, idle;
-    pthread_t thread;
-    store_delete_fn store_delete;
-    void **queue;
-    size_t cap, head, len;
-    int busy, stop, started;
-} reaper;
-
-reaper *fp_reaper_new(void *store_delete, size_t max_pending) {
-    if (store_delete == NULL || max_pending == 0)
-        return NULL;
-    reaper *r = calloc(1, sizeof(reaper));
-    if (r == NULL)
-        return NULL;
-    r->queue = calloc(max_pending, sizeof(void *));
-    if (r->queue == NULL) {
-        free(r);
-        return NULL;
-    }
-    pthread_mutex_init(&r->lock, NULL);
-    pthread_cond_init(&r->wake, NULL);
-    pthread_cond_init(&r->idle, NULL);
-    r->store_delete = (store_delete_fn)store_delete;
-    r->cap = max_pending;
-    return r;
-}
-
-static void *reaper_loop(void *arg) {
-    reaper *r = arg;
-    pthread_mutex_lock(&r->lock);
-    for (;;) {
-        while (r->len == 0 && !r->stop)
-            pthread_cond_wait(&r->wake, &r->lock);
-        if (r->len == 0) /* stopping, and nothing left */
-            break;
-        void *store = r->queue[r->head];
-        r->head = (r->head + 1) % r->cap;
-        r->len--;
-        r->busy = 1;
-        pthread_mutex_unlock(&r->lock);
-        r->store_delete(store);
-        pthread_mutex_lock(&r->lock);
-        r->busy = 0;
-        if (r->len == 0)
-            pthread_cond_broadcast(&r->idle);
-    }
-    pthread_cond_broadcast(&r->idle);
-    pthread_mutex_unlock(&r->lock);
-    return NULL;
-}
-
-/* 1: the reaper will delete `store`; 0: it cannot take it (full, stopped, no thread): the
- * caller deletes it itself */
-int fp_reaper_drop(reaper *r, void *store) {
-    int taken = 0;
-    pthread_mutex_lock(&r->lock);
-    if (!r->started && !r->stop) {
-        if (pthread_create(&r->thread, NULL, reaper_loop, r) == 0)
-            r->started = 1;
-    }
-    if (r->started && !r->stop && r->len < r->cap) {
-        r->queue[(r->head + r->len) % r->cap] = store;
-        r->len++;
-        taken = 1;
-        pthread_cond_signal(&r->wake);
-    }
-    pthread_mutex_unlock(&r->lock);
-    return taken;
-}
-
-/* wait until every store handed over is deleted */
-void fp_reaper_settle(reaper *r) {
-    pthread_mutex_lock(&r->lock);
-    while (r->started && (r->len || r->busy))
-        pthread_cond_wait(&r->idle, &r->lock);
-    pthread_mutex_unlock(&r->lock);
-}
-
-/* a worker thread's end: *stop set under its lock, the thread woken and waited for (it
- * finishes what it holds), then its lock and wake-up freed */
-static void worker_stop(pthread_mutex_t *lock, pthread_cond_t *wake, int *stop,
-                        const int *started, pthread_t *thread) {
-    pthread_mutex_lock(lock);
-    *stop = 1;
-    int was_started = *started;
-    pthread_cond_signal(wake);
-    pthread_mutex_unlock(lock);
-    if (was_started)
-        pthread_join(*thread, NULL);
-    pthread_cond_destroy(wake);
-    pthread_mutex_destroy(lock);
-}
-
-/* delete what is queued, stop the thread, free the reaper */
-void fp_reaper_close(reaper *r) {
-    if (r == NULL)
-        return;
-    worker_stop(&r->lock, &r->wake, &r->stop, &r->started, &r->thread);
-    pthread_cond_destroy(&r->idle);
-    free(r->queue);
-    free(r);
-}
-
-/*
- * The epoch ticker: advances an engine's epoch every `tick` while any guest runs under a
- * deadline, and sleeps otherwise. In Python, its thread took the GIL at each tick and as each
- * request started (about 0.08 ms a request on the edge route).
- */
-typedef void (*increment_epoch_fn)(void *engine);
-
-typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    pthread_t thread;
-    increment_epoch_fn increment;
-    void *engine;
-    struct timespec tick;
-    int active, stop, started;
-} ticker;
-
-ticker *fp_ticker_new(void *increment, void *engine, long tick_us) {
-    if (increment == NULL || engine == NULL || tick_us <= 0)
-        return NULL;
-    ticker *t = calloc(1, sizeof(ticker));
-    if (t == NULL)
-        return NULL;
-    pthread_mutex_init(&t->lock, NULL);
-    pthread_cond_init(&t->wake, NULL);
-    t->increment = (increment_epoch_fn)increment;
-    t->engine = engine;
-    t->tick.tv_sec = tick_us / 1000000;
-    t->tick.tv_nsec = (tick_us % 1000000) * 1000;
-    return t;
-}
-
-static void *ticker_loop(void *arg) {
-    ticker *t = arg;
-    pthread_mutex_lock(&t->lock);
-    while (!t->stop) {
-        if (t->active == 0) {
-            pthread_cond_wait(&t->wake, &t->lock);
-            continue;
-        }
-        pthread_mutex_unlock(&t->lock);
-        t->increment(t->engine);
-        nanosleep(&t->tick, NULL);
-        pthread_mutex_lock(&t->lock);
-    }
-    pthread_mutex_unlock(&t->lock);
-    return NULL;
-}
-
-/* a guest starts running under a deadline: 1, or 0 if no thread could be started */
-int fp_ticker_enter(ticker *t) {
-    int ok = 1;
-    pthread_mutex_lock(&t->lock);
-    if (!t->started && !t->stop && pthread_create(&t->thread, NULL, ticker_loop, t) == 0)
-        t->started = 1;
-    if (!t->started || t->stop) {
-        ok = 0; /* not counted: the caller ticks some other way */
-    } else if (++t->active == 1) {
-        pthread_cond_signal(&t->wake);
-    }
-    pthread_mutex_unlock(&t->lock);
-    return ok;
-}
-
-void fp_ticker_leave(ticker *t) {
-    pthread_mutex_lock(&t->lock);
-    if (t->active > 0)
-        t->active--;
-    pthread_mutex_unlock(&t->lock);
-}
-
-void fp_ticker_close(ticker *t) {
-    if (t == NULL)
-        return;
-    worker_stop(&t->lock, &t->wake, &t->stop, &t->started, &t->thread);
-    free(t);
-}
-
-/*
  * A route request's WASI in one call: argv, environment, the body as stdin, preopened
  * directories, and stdout and stderr as sealed in-memory files (see the Python
  * _FileCapture: the same steps, which cost ~0.15 ms in Python after an inference's cold
@@ -624,9 +432,20 @@ static int capture(const wasi_api *api, void *config, bool stdout_, int64_t room
     return 0;
 }
 
+/* a WASI config made ahead, with its stdout and stderr files (see fp_reaper_prepare) */
+typedef struct {
+    void *config;
+    int fds[4];
+} ready_config;
+
+typedef struct reaper reaper;
+static int reaper_take(reaper *r, ready_config *out);
+
 /* 0: the store's WASI is set, fds = {stdout ours, stdout theirs, stderr ours, stderr
- * theirs}; else nothing is left made (the store has no WASI) */
-int fp_wasi_set(const wasi_api *api, void *context, const char *argv, size_t argv_len,
+ * theirs}; else nothing is left made (the store has no WASI). `ahead`: a reaper whose
+ * config made ahead (files made already) is taken if it has one, else NULL. */
+int fp_wasi_set(const wasi_api *api, reaper *ahead, void *context, const char *argv,
+                size_t argv_len,
                 size_t argc, const char *env, size_t env_len, size_t envc,
                 const uint8_t *stdin_data, size_t stdin_len, const char *dirs, size_t dirs_len,
                 size_t ndirs, int64_t stdout_room, int64_t stderr_room, int *fds) {
@@ -641,11 +460,14 @@ int fp_wasi_set(const wasi_api *api, void *context, const char *argv, size_t arg
         free(strings);
         return EINVAL;
     }
-    void *config = api->config_new();
+    ready_config made = {NULL, {-1, -1, -1, -1}};
+    bool have = ahead != NULL && reaper_take(ahead, &made);
+    void *config = have ? made.config : api->config_new();
     if (config == NULL) {
         free(strings);
         return ENOMEM;
     }
+    memcpy(fds, made.fds, sizeof made.fds);
     int failed = 0;
     const char **values = malloc((envc ? envc : 1) * sizeof(char *));
     const char **keys = malloc((envc ? envc : 1) * sizeof(char *));
@@ -670,10 +492,9 @@ int fp_wasi_set(const wasi_api *api, void *context, const char *argv, size_t arg
         api->byte_vec_new(&body, stdin_len, stdin_data);
         api->set_stdin_bytes(config, &body); /* takes the vector's bytes */
     }
-    fds[0] = fds[1] = fds[2] = fds[3] = -1;
-    if (!failed)
+    if (!failed && !have)
         failed = capture(api, config, true, stdout_room, fds);
-    if (!failed)
+    if (!failed && !have)
         failed = capture(api, config, false, stderr_room, fds + 2);
     if (failed) {
         api->config_delete(config);
@@ -703,4 +524,270 @@ int64_t fp_written(int ours, int theirs) {
         return -1;
     off_t pos = lseek(theirs, 0, SEEK_CUR);
     return pos < 0 ? -1 : (int64_t)pos;
+}
+
+/*
+ * A reaper: a thread that deletes finished Stores, so that a request's response does not
+ * wait for its Store's teardown (its memory zeroed or unmapped: 0.1-0.3 ms). Python hands
+ * over the store pointer (taken from its wasmtime.Store, whose own delete then does nothing)
+ * after it has dropped every registration naming that store. No Python runs here: the stores
+ * handed over hold no Python callbacks.
+ */
+typedef void (*store_delete_fn)(void *store);
+
+#define MAX_READY 8
+
+struct reaper {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, idle;
+    pthread_t thread;
+    store_delete_fn store_delete;
+    void **queue;
+    size_t cap, head, len;
+    int busy, stop, started;
+    /* configs made ahead: up to `want`, with files of these rooms; `failed`: the last try
+     * failed (no retry until one is taken) */
+    const wasi_api *api;
+    int64_t stdout_room, stderr_room;
+    size_t want, nready;
+    int failed;
+    ready_config ready[MAX_READY];
+};
+
+reaper *fp_reaper_new(void *store_delete, size_t max_pending) {
+    if (store_delete == NULL || max_pending == 0)
+        return NULL;
+    reaper *r = calloc(1, sizeof(reaper));
+    if (r == NULL)
+        return NULL;
+    r->queue = calloc(max_pending, sizeof(void *));
+    if (r->queue == NULL) {
+        free(r);
+        return NULL;
+    }
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->wake, NULL);
+    pthread_cond_init(&r->idle, NULL);
+    r->store_delete = (store_delete_fn)store_delete;
+    r->cap = max_pending;
+    return r;
+}
+
+/* is there a config to make ahead? (under the lock) */
+static bool wants_config(const reaper *r) {
+    return r->api != NULL && r->nready < r->want && !r->failed;
+}
+
+static void *reaper_loop(void *arg) {
+    reaper *r = arg;
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        while (r->len == 0 && !r->stop && !wants_config(r))
+            pthread_cond_wait(&r->wake, &r->lock);
+        if (r->len > 0) {
+            void *store = r->queue[r->head];
+            r->head = (r->head + 1) % r->cap;
+            r->len--;
+            r->busy = 1;
+            pthread_mutex_unlock(&r->lock);
+            r->store_delete(store);
+            pthread_mutex_lock(&r->lock);
+        } else if (!r->stop) { /* wants_config */
+            r->busy = 1;
+            pthread_mutex_unlock(&r->lock);
+            ready_config made = {NULL, {-1, -1, -1, -1}};
+            made.config = r->api->config_new();
+            int failed = made.config == NULL;
+            if (!failed && (capture(r->api, made.config, true, r->stdout_room, made.fds) ||
+                            capture(r->api, made.config, false, r->stderr_room, made.fds + 2))) {
+                failed = 1;
+                if (made.fds[0] >= 0)
+                    close(made.fds[0]);
+                r->api->config_delete(made.config);
+            }
+            pthread_mutex_lock(&r->lock);
+            if (failed)
+                r->failed = 1;
+            else
+                r->ready[r->nready++] = made;
+        } else {
+            break; /* stopping, and nothing left to delete */
+        }
+        r->busy = 0;
+        if (r->len == 0 && !wants_config(r))
+            pthread_cond_broadcast(&r->idle);
+    }
+    pthread_cond_broadcast(&r->idle);
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+static void reaper_start(reaper *r) { /* under the lock */
+    if (!r->started && !r->stop && pthread_create(&r->thread, NULL, reaper_loop, r) == 0)
+        r->started = 1;
+}
+
+/* 1: the reaper will delete `store`; 0: it cannot take it (full, stopped, no thread): the
+ * caller deletes it itself */
+int fp_reaper_drop(reaper *r, void *store) {
+    int taken = 0;
+    pthread_mutex_lock(&r->lock);
+    reaper_start(r);
+    if (r->started && !r->stop && r->len < r->cap) {
+        r->queue[(r->head + r->len) % r->cap] = store;
+        r->len++;
+        taken = 1;
+        pthread_cond_signal(&r->wake);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return taken;
+}
+
+/* Make WASI configs ahead, `want` of them (at most MAX_READY), each with stdout and stderr
+ * files of these rooms, made as fp_wasi_set makes them: the two files cost ~0.12 ms of a
+ * request after an inference's cold caches. fp_wasi_set takes one when there is one. */
+int fp_reaper_prepare(reaper *r, const wasi_api *api, int64_t stdout_room,
+                      int64_t stderr_room, size_t want) {
+    if (api == NULL || want > MAX_READY)
+        return 0;
+    pthread_mutex_lock(&r->lock);
+    r->api = api;
+    r->stdout_room = stdout_room;
+    r->stderr_room = stderr_room;
+    r->want = want;
+    reaper_start(r);
+    pthread_cond_signal(&r->wake);
+    int ok = r->started;
+    pthread_mutex_unlock(&r->lock);
+    return ok;
+}
+
+/* a config made ahead (1), or none (0) */
+static int reaper_take(reaper *r, ready_config *out) {
+    int taken = 0;
+    pthread_mutex_lock(&r->lock);
+    if (r->nready > 0) {
+        *out = r->ready[--r->nready];
+        taken = 1;
+    }
+    r->failed = 0; /* one taken or none there: worth trying again */
+    pthread_cond_signal(&r->wake);
+    pthread_mutex_unlock(&r->lock);
+    return taken;
+}
+
+/* wait until every store handed over is deleted, and the configs wanted are made */
+void fp_reaper_settle(reaper *r) {
+    pthread_mutex_lock(&r->lock);
+    while (r->started && (r->len || r->busy || wants_config(r)))
+        pthread_cond_wait(&r->idle, &r->lock);
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* a worker thread's end: *stop set under its lock, the thread woken and waited for (it
+ * finishes what it holds), then its lock and wake-up freed */
+static void worker_stop(pthread_mutex_t *lock, pthread_cond_t *wake, int *stop,
+                        const int *started, pthread_t *thread) {
+    pthread_mutex_lock(lock);
+    *stop = 1;
+    int was_started = *started;
+    pthread_cond_signal(wake);
+    pthread_mutex_unlock(lock);
+    if (was_started)
+        pthread_join(*thread, NULL);
+    pthread_cond_destroy(wake);
+    pthread_mutex_destroy(lock);
+}
+
+/* delete what is queued, stop the thread, free the reaper */
+void fp_reaper_close(reaper *r) {
+    if (r == NULL)
+        return;
+    worker_stop(&r->lock, &r->wake, &r->stop, &r->started, &r->thread);
+    pthread_cond_destroy(&r->idle);
+    for (size_t i = 0; i < r->nready; i++) {
+        close(r->ready[i].fds[0]);
+        close(r->ready[i].fds[2]);
+        r->api->config_delete(r->ready[i].config); /* closes wasmtime's descriptors */
+    }
+    free(r->queue);
+    free(r);
+}
+
+/*
+ * The epoch ticker: advances an engine's epoch every `tick` while any guest runs under a
+ * deadline, and sleeps otherwise. In Python, its thread took the GIL at each tick and as each
+ * request started (about 0.08 ms a request on the edge route).
+ */
+typedef void (*increment_epoch_fn)(void *engine);
+
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_t thread;
+    increment_epoch_fn increment;
+    void *engine;
+    struct timespec tick;
+    int active, stop, started;
+} ticker;
+
+ticker *fp_ticker_new(void *increment, void *engine, long tick_us) {
+    if (increment == NULL || engine == NULL || tick_us <= 0)
+        return NULL;
+    ticker *t = calloc(1, sizeof(ticker));
+    if (t == NULL)
+        return NULL;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_cond_init(&t->wake, NULL);
+    t->increment = (increment_epoch_fn)increment;
+    t->engine = engine;
+    t->tick.tv_sec = tick_us / 1000000;
+    t->tick.tv_nsec = (tick_us % 1000000) * 1000;
+    return t;
+}
+
+static void *ticker_loop(void *arg) {
+    ticker *t = arg;
+    pthread_mutex_lock(&t->lock);
+    while (!t->stop) {
+        if (t->active == 0) {
+            pthread_cond_wait(&t->wake, &t->lock);
+            continue;
+        }
+        pthread_mutex_unlock(&t->lock);
+        t->increment(t->engine);
+        nanosleep(&t->tick, NULL);
+        pthread_mutex_lock(&t->lock);
+    }
+    pthread_mutex_unlock(&t->lock);
+    return NULL;
+}
+
+/* a guest starts running under a deadline: 1, or 0 if no thread could be started */
+int fp_ticker_enter(ticker *t) {
+    int ok = 1;
+    pthread_mutex_lock(&t->lock);
+    if (!t->started && !t->stop && pthread_create(&t->thread, NULL, ticker_loop, t) == 0)
+        t->started = 1;
+    if (!t->started || t->stop) {
+        ok = 0; /* not counted: the caller ticks some other way */
+    } else if (++t->active == 1) {
+        pthread_cond_signal(&t->wake);
+    }
+    pthread_mutex_unlock(&t->lock);
+    return ok;
+}
+
+void fp_ticker_leave(ticker *t) {
+    pthread_mutex_lock(&t->lock);
+    if (t->active > 0)
+        t->active--;
+    pthread_mutex_unlock(&t->lock);
+}
+
+void fp_ticker_close(ticker *t) {
+    if (t == NULL)
+        return;
+    worker_stop(&t->lock, &t->wake, &t->stop, &t->started, &t->thread);
+    free(t);
 }

@@ -180,9 +180,13 @@ class WagiRoute:
         fast = host._abi.fast
         self._reaper = None if fast is None else fast.reaper(
             DEFAULT_WORKERS if pool is None else pool.workers)
-        # each request's WASI set in one C call there (else, or if that fails, in Python)
+        # each request's WASI set in one C call there (else, or if that fails, in Python),
+        # its output files made ahead by the reaper's thread
         self._native_wasi = fast.wasi() if fast is not None and _FileCapture.available \
             else None
+        if self._native_wasi is not None and self._reaper is not None:
+            self._reaper.prepare(self._native_wasi, max_output + _OVERFLOW_ROOM, _STDERR_ROOM,
+                                 min(8, DEFAULT_WORKERS if pool is None else pool.workers))
         self._argv = pack([self.module_path.name])
         self._dirs = pack([part for d in self.dirs for part in (str(d.host), d.guest)])
         # resolved now: a module importing what the host lacks fails at start-up, not per call
@@ -344,7 +348,7 @@ class WagiRoute:
         body = request.body if isinstance(request.body, bytes) else bytes(request.body)
         fds = native.set(store, self._argv, 1, pack([p for pair in env.items() for p in pair]),
                          len(env), body, self._dirs, len(self.dirs),
-                         self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM)
+                         self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM, self._reaper)
         if fds is None:
             return None
         return (_FileCapture.adopt(fds[0], fds[1], self.max_output, False, native),
