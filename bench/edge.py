@@ -23,8 +23,11 @@ deleted (it goes after the response), so that the delete never runs inside the n
 
 Beside each step, the inference inside the request on its own: onnxruntime's `run` on the
 same session with the same input, timed in the same rounds (the two alternate, so noise hits
-both). `over inference` = request - inference, medians. Target (issue 7): a warm request
-(steps 4 and 5) costs <= 1 ms more than the inference inside it.
+both). `over inference` = p50 request - p50 inference. `over its own` = the median, over
+requests, of the request less the inference inside it (the time in wasi-nn compute, which
+the route reports): the target's measure, as it is immune to the drift of the machine
+between the separate runs. Target (issue 7): a warm request (steps 4 and 5) costs <= 1 ms
+more than the inference inside it.
 
 Part 2, requests per second over HTTP: `wasinn serve --route /classify=...` (pre-initialized
 module, linking reused) in a subprocess on loopback, N clients each with one request in flight
@@ -74,7 +77,14 @@ class Step:
 
     @property
     def over_s(self) -> float:
+        """p50 request - p50 inference alone (timed separately, alternating)."""
         return statistics.median(self.request_s) - statistics.median(self.inference_s)
+
+    @property
+    def over_inside_s(self) -> float:
+        """Median over requests of (request - the inference inside it): wasi-nn compute's
+        time, which the route reports. Immune to the drift between separate runs."""
+        return statistics.median(r - c for r, c in zip(self.request_s, self.parts["compute"]))
 
 
 def ms(seconds: float) -> str:
@@ -197,20 +207,24 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
 
 def report_latency(steps: Sequence[Step]) -> bool:
     rows = [("step", "requests", "p50 ms", "p90 ms", "inference ms", "over inference ms",
-             "setup ms", "instantiate ms", "run ms")]
+             "over its own ms", "setup ms", "instantiate ms", "run ms")]
     for s in steps:
         rows.append((s.name, str(len(s.request_s)), ms(s.p(0.5)), ms(s.p(0.9)),
-                     ms(statistics.median(s.inference_s)), ms(s.over_s),
+                     ms(statistics.median(s.inference_s)), ms(s.over_s), ms(s.over_inside_s),
                      *(ms(statistics.median(s.parts.get(part, [0.0])))
                        for part in ("setup", "instantiate", "run"))))
     print_table(rows, left=1)
-    print("  (setup: Store, WASI config with the body as stdin and output files; run: the "
-          "guest's _start, inference included; the cold steps' p50 include making the route)")
+    print("  (inference: onnxruntime alone, timed between requests; over inference: p50 request"
+          " - p50 inference; over its own: the median, over requests, of the request less the"
+          " inference inside it (its wasi-nn compute); setup: Store, WASI config with the body"
+          " as stdin and output files; run: the guest's _start, inference included; the cold"
+          " steps' p50 include making the route)")
     warm = [s for s in steps if s.name.startswith(("4", "5"))]
-    best = min(warm, key=lambda s: s.over_s)
-    ok = best.over_s <= TARGET_OVER_MS / 1e3
-    print(f"target: a warm request <= {TARGET_OVER_MS:g} ms over its inference: "
-          f"{ms(best.over_s)} ms ({best.name}) {'PASS' if ok else 'MISS'}")
+    best = min(warm, key=lambda s: s.over_inside_s)
+    ok = best.over_inside_s <= TARGET_OVER_MS / 1e3
+    print(f"target: a warm request <= {TARGET_OVER_MS:g} ms over the inference inside it: "
+          f"{ms(best.over_inside_s)} ms ({best.name}; p50 request - p50 inference alone: "
+          f"{ms(best.over_s)} ms) {'PASS' if ok else 'MISS'}")
     return ok
 
 

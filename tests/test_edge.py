@@ -251,7 +251,9 @@ def test_runner_called_directly(host: Host, guests: dict[str, Path], example_ass
     got = json.loads(response.body)["top5"]
     expected = expected_top5(reference, example_assets)
     assert [row["class"] for row in got] == [c for c, _, _ in expected]
-    assert set(response.timings) == {"setup", "instantiate", "run", "parse", "total"}
+    timings = response.timings
+    assert set(timings) == {"setup", "instantiate", "run", "compute", "parse", "total"}
+    assert 0 < timings["compute"] < timings["run"] < timings["total"]  # the inference, inside
     route.close()
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,8 @@ class NnState:
     #: where input buffers come from and go back to, shared by the host's stores (a store
     #: per request would otherwise map, fault in and unmap a fresh one each time)
     buffer_pool: BufferPool = field(default_factory=BufferPool)
+    #: seconds spent in the backends' compute, all contexts together (a request's inference)
+    compute_s: float = 0.0
     #: set while a guest is being pre-initialized: the calls refused because a snapshot could
     #: not keep the host state they make (execution contexts, graphs loaded from bytes)
     snapshot_refusals: list[str] | None = None
@@ -396,11 +399,14 @@ class WitxAbi:
     def compute(self, state: NnState, call: _Call, ctx: int) -> int:
         context = state.context(ctx)
         # the pinned outputs stay alive (so C may still read them) until replaced or dropped
+        started = time.perf_counter()
         try:
             context.compute()
         except BaseException:
             state.forget_outputs(ctx)
             raise
+        finally:
+            state.compute_s += time.perf_counter() - started
         if getattr(context, "outputs_in_place", False):
             # the same arrays every time: registrations hold, and the first get_output of a
             # fresh store (a route's every request) can be served in C too

@@ -70,7 +70,8 @@ class WagiRequest:
 class WagiResponse:
     """A guest's answer (or the host's, when the guest failed: then `error` says why).
     `timings` are seconds per step of the request: setup (Store, WASI, stdin), instantiate,
-    run (`_start`), and parse."""
+    run (`_start`), and parse; and compute, the part of run spent in wasi-nn's compute (the
+    inference)."""
 
     status: int
     headers: list[tuple[str, str]]
@@ -255,7 +256,8 @@ class WagiRoute:
                 code = _run_start(instance, store)
             ran = time.perf_counter()
             return self._answer(stdout, stderr, code, start, {
-                "setup": setup - start, "instantiate": ready - setup, "run": ran - ready})
+                "setup": setup - start, "instantiate": ready - setup, "run": ran - ready,
+                "compute": state.compute_s})
         except wasmtime.Trap as e:
             timings = {"total": time.perf_counter() - start}
             if e.trap_code == wasmtime.TrapCode.INTERRUPT:
