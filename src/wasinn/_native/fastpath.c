@@ -671,7 +671,8 @@ static int reaper_take(reaper *r, ready_config *out) {
         taken = 1;
     }
     r->failed = 0; /* one taken or none there: worth trying again */
-    pthread_cond_signal(&r->wake);
+    /* no wake-up here: the thread makes the next one when the Store is handed over, after
+     * the response, not beside this request (the wake-up alone cost ~20 us in it) */
     pthread_mutex_unlock(&r->lock);
     return taken;
 }
