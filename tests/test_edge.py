@@ -371,8 +371,13 @@ def test_parse_cgi() -> None:
     answer = parse_cgi(b"Content-Type: text/plain\r\nStatus: 201 Created\r\nX-A: 1\r\n\r\nok")
     assert (answer.status, answer.headers, answer.body) == (
         201, [("Content-Type", "text/plain"), ("X-A", "1")], b"ok")
+    answer = parse_cgi(b"Location:\t/x \t\nX-Empty:\n\n")  # blanks around values go
+    assert (answer.status, answer.headers) == (302, [("Location", "/x"), ("X-Empty", "")])
     for output, reason in [(b"", "wrote nothing"), (b"Content-Type: text/plain\n", "no blank"),
                            (b"X-A: 1\n\n", "neither a Content-Type"),
+                           (b": a\nContent-Type: a/b\n\n", "not a header line"),
+                           (b"Bad Name: a\nContent-Type: a/b\n\n", "not a header line"),
+                           (b"No colon\nContent-Type: a/b\n\n", "not a header line"),
                            (b"Status: teapot\nContent-Type: a/b\n\n", "not a status")]:
         with pytest.raises(ValueError, match=reason):
             parse_cgi(output)
