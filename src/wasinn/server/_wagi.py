@@ -205,7 +205,8 @@ class WagiRoute:
         self._held.wait(timeout)
 
     def settle(self) -> None:
-        """Wait until the Stores of finished requests are deleted (a bench's idle moment)."""
+        """Wait until the Stores of finished requests are deleted and the next requests'
+        output files made (a bench's idle moment)."""
         if self._reaper is not None:
             self._reaper.settle()
 
