@@ -25,7 +25,8 @@ from loopback import LoopbackServer  # noqa: E402
 from wasinn import Host  # noqa: E402
 from wasinn.cli import (EXIT_USAGE, ROUTE_WORKERS, build_parser, main,  # noqa: E402
                         merge_serve_config, route_slots)
-from wasinn.server import WagiPool, WagiRequest, WagiRoute, create_app  # noqa: E402
+from wasinn.server import (WagiPool, WagiRequest, WagiResponse, WagiRoute,  # noqa: E402
+                           create_app)
 from wasinn.server._wagi import parse_cgi  # noqa: E402
 
 N_PREDICT = 8
@@ -323,6 +324,10 @@ def test_stderr_keeps_the_last_words(host: Host, guests: dict[str, Path]) -> Non
         route.close()
 
 
+def _echo(route: WagiRoute, body: bytes) -> WagiResponse:
+    return route.handle(WagiRequest(method="POST", path="/test/echo", body=body))
+
+
 def test_output_files_that_cannot_be_made(host: Host, guests: dict[str, Path],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """No in-memory file (e.g. out of descriptors): the request's output goes through Python
@@ -337,15 +342,14 @@ def test_output_files_that_cannot_be_made(host: Host, guests: dict[str, Path],
 
         with monkeypatch.context() as m:
             m.setattr(_wagi._FileCapture, "__init__", no_memfd)
-            slow = route.handle(WagiRequest(method="POST", path="/test/echo", body=b"hi"))
+            slow = _echo(route, b"hi")
         assert slow.status == 200 and slow.body.endswith(b"hi")
         with monkeypatch.context() as m:
             m.setattr(_wagi._FileCapture, "attach", no_memfd)
             failed = route.handle(WagiRequest(path="/test/echo"))
         assert failed.status == 500
         assert failed.body.startswith(b"the guest could not start: [Errno 24]")
-        assert route.handle(WagiRequest(method="POST", path="/test/echo",
-                                        body=b"again")).body.endswith(b"again")
+        assert _echo(route, b"again").body.endswith(b"again")
     finally:
         route.close()
 
@@ -358,8 +362,7 @@ def test_finished_stores_go_and_their_slots_come_back(example_assets: Path,
     route = WagiRoute(host, guests["edge_test"], route="/test")
     try:
         for i in range(12):
-            response = route.handle(WagiRequest(method="POST", path="/test/echo",
-                                                body=f"request {i}".encode()))
+            response = _echo(route, f"request {i}".encode())
             assert response.status == 200, response.body
             assert response.body.endswith(f"request {i}".encode())
     finally:
@@ -440,15 +443,14 @@ def test_wasi_set_in_c_falls_back_to_python(host: Host, guests: dict[str, Path],
         assert "PATH_INFO=/echo" in lines and "REQUEST_METHOD=POST" in lines
         with monkeypatch.context() as m:
             m.setattr(NativeWasi, "set", lambda *args: None)
-            slow = route.handle(WagiRequest(method="POST", path="/test/echo", body=b"hey"))
+            slow = _echo(route, b"hey")
         assert slow.status == 200 and slow.body.endswith(b"hey")
         data.rmdir()
         gone = route.handle(WagiRequest(path="/test/echo"))
         assert gone.status == 500
         assert gone.body.startswith(b"the guest could not start: failed to add preopen dir")
         data.mkdir()
-        assert route.handle(WagiRequest(method="POST", path="/test/echo",
-                                        body=b"back")).body.endswith(b"back")
+        assert _echo(route, b"back").body.endswith(b"back")
     finally:
         route.close()
 
@@ -471,8 +473,7 @@ def test_output_files_made_ahead_leave_no_descriptor_behind(host: Host,
     route = WagiRoute(host, guests["edge_test"], route="/test")
     try:
         for i in range(12):
-            echoed = route.handle(WagiRequest(method="POST", path="/test/echo",
-                                              body=f"request {i}".encode()))
+            echoed = _echo(route, f"request {i}".encode())
             assert echoed.status == 200 and echoed.body.endswith(f"body=request {i}".encode())
             failed = route.handle(WagiRequest(path="/test/exit"))
             assert failed.body.decode().endswith("its last words: edge_test: failing on purpose\n")
