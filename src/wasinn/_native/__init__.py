@@ -304,11 +304,9 @@ class Reaper(_Worker):
         """Between Stores, also make `count` (at most 8) WASI configs ahead, stdout and
         stderr files of these rooms opened, for `NativeWasi.set(..., ahead=self)`: in the
         request the two files cost ~0.12 ms after an inference's cold caches."""
-        if not self._ptr or not self._lib.fp_reaper_prepare(self._ptr, wasi._api, stdout_room,
-                                                            stderr_room, count):
-            return False
-        self._wasi = wasi  # its functions are called from the thread until it is closed
-        return True
+        # (the reaper copies the function table: `wasi` may go first)
+        return bool(self._ptr) and bool(self._lib.fp_reaper_prepare(
+            self._ptr, wasi._api, stdout_room, stderr_room, count))
 
     def settle(self) -> None:
         """Wait until every Store handed over is deleted (and the configs asked of `prepare`

@@ -547,7 +547,8 @@ struct reaper {
     int busy, stop, started;
     /* configs made ahead: up to `want`, with files of these rooms; `failed`: the last try
      * failed (no retry until one is taken) */
-    const wasi_api *api;
+    wasi_api api; /* a copy: the caller's may go before this reaper does */
+    bool has_api;
     int64_t stdout_room, stderr_room;
     size_t want, nready;
     int failed;
@@ -575,7 +576,7 @@ reaper *fp_reaper_new(void *store_delete, size_t max_pending) {
 
 /* is there a config to make ahead? (under the lock) */
 static bool wants_config(const reaper *r) {
-    return r->api != NULL && r->nready < r->want && !r->failed;
+    return r->has_api && r->nready < r->want && !r->failed;
 }
 
 static void *reaper_loop(void *arg) {
@@ -596,14 +597,14 @@ static void *reaper_loop(void *arg) {
             r->busy = 1;
             pthread_mutex_unlock(&r->lock);
             ready_config made = {NULL, {-1, -1, -1, -1}};
-            made.config = r->api->config_new();
+            made.config = r->api.config_new();
             int failed = made.config == NULL;
-            if (!failed && (capture(r->api, made.config, true, r->stdout_room, made.fds) ||
-                            capture(r->api, made.config, false, r->stderr_room, made.fds + 2))) {
+            if (!failed && (capture(&r->api, made.config, true, r->stdout_room, made.fds) ||
+                            capture(&r->api, made.config, false, r->stderr_room, made.fds + 2))) {
                 failed = 1;
                 if (made.fds[0] >= 0)
                     close(made.fds[0]);
-                r->api->config_delete(made.config);
+                r->api.config_delete(made.config);
             }
             pthread_mutex_lock(&r->lock);
             if (failed)
@@ -651,7 +652,8 @@ int fp_reaper_prepare(reaper *r, const wasi_api *api, int64_t stdout_room,
     if (api == NULL || want > MAX_READY)
         return 0;
     pthread_mutex_lock(&r->lock);
-    r->api = api;
+    r->api = *api;
+    r->has_api = true;
     r->stdout_room = stdout_room;
     r->stderr_room = stderr_room;
     r->want = want;
@@ -709,7 +711,7 @@ void fp_reaper_close(reaper *r) {
     for (size_t i = 0; i < r->nready; i++) {
         close(r->ready[i].fds[0]);
         close(r->ready[i].fds[2]);
-        r->api->config_delete(r->ready[i].config); /* closes wasmtime's descriptors */
+        r->api.config_delete(r->ready[i].config); /* closes wasmtime's descriptors */
     }
     free(r->queue);
     free(r);
