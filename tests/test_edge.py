@@ -8,9 +8,9 @@ every way a guest can fail).
 
 from __future__ import annotations
 
-import gc
 import json
-import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -455,32 +455,51 @@ def test_wasi_set_in_c_falls_back_to_python(host: Host, guests: dict[str, Path],
         route.close()
 
 
-def test_output_files_made_ahead_leave_no_descriptor_behind(host: Host,
-                                                          guests: dict[str, Path]) -> None:
+_FILES_AHEAD = """
+import gc, json, os, sys
+from wasinn import Host
+from wasinn.server import WagiRequest, WagiRoute
+
+def output_files():
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "memfd:wasinn" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+host = Host(module_cache=False)
+before = output_files()
+route = WagiRoute(host, sys.argv[1], route="/test")
+bodies = []
+for i in range(12):
+    echoed = route.handle(WagiRequest(method="POST", path="/test/echo", body=b"request %d" % i))
+    failed = route.handle(WagiRequest(path="/test/exit"))
+    bodies.append([echoed.status, echoed.body.decode(), failed.body.decode()])
+route.settle()
+ahead = output_files() - before
+native = route._native_wasi is not None
+route.close()
+gc.collect()
+print(json.dumps({"bodies": bodies, "ahead": ahead, "native": native,
+                  "left": output_files() - before}))
+host.close()
+"""
+
+
+def test_output_files_made_ahead_leave_no_descriptor_behind(guests: dict[str, Path]) -> None:
     """Where the native path is built, a route's reaper thread makes the next requests'
     stdout and stderr files ahead: each request gets its own (no output seen twice), and
-    once the route is closed every descriptor of those files (its own, wasmtime's) is closed."""
-    def output_files() -> int:
-        count = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                count += "memfd:wasinn" in os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                pass  # closed meanwhile
-        return count
-
-    before = output_files()
-    route = WagiRoute(host, guests["edge_test"], route="/test")
-    try:
-        for i in range(12):
-            echoed = _echo(route, f"request {i}".encode())
-            assert echoed.status == 200 and echoed.body.endswith(f"body=request {i}".encode())
-            failed = route.handle(WagiRequest(path="/test/exit"))
-            assert failed.body.decode().endswith("its last words: edge_test: failing on purpose\n")
-        route.settle()
-        if route._native_wasi is not None:  # the next requests' files are ready, open
-            assert output_files() > before
-    finally:
-        route.close()
-    gc.collect()
-    assert output_files() == before
+    once the route is closed every descriptor of those files (its own, wasmtime's) is
+    closed. In a process of its own: other tests' routes make theirs at their own pace."""
+    run = subprocess.run([sys.executable, "-c", _FILES_AHEAD, str(guests["edge_test"])],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for i, (status, echoed, failed) in enumerate(result["bodies"]):
+        assert status == 200 and echoed.endswith(f"body=request {i}")
+        assert failed.endswith("its last words: edge_test: failing on purpose\n")
+    if result["native"]:
+        assert result["ahead"] > 0  # the next requests' files were ready, open
+    assert result["left"] == 0
