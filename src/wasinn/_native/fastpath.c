@@ -432,6 +432,17 @@ static int capture(const wasi_api *api, void *config, bool stdout_, int64_t room
     return 0;
 }
 
+/* stdout's and stderr's files (fds as fp_wasi_set gives them); on failure none is left */
+static int capture_both(const wasi_api *api, void *config, int64_t stdout_room,
+                        int64_t stderr_room, int *fds) {
+    int failed = capture(api, config, true, stdout_room, fds);
+    if (!failed && (failed = capture(api, config, false, stderr_room, fds + 2)) != 0) {
+        close(fds[0]); /* wasmtime's descriptor goes with the config */
+        fds[0] = fds[1] = -1;
+    }
+    return failed;
+}
+
 /* a WASI config made ahead, with its stdout and stderr files (see fp_reaper_prepare) */
 typedef struct {
     void *config;
@@ -493,9 +504,7 @@ int fp_wasi_set(const wasi_api *api, reaper *ahead, void *context, const char *a
         api->set_stdin_bytes(config, &body); /* takes the vector's bytes */
     }
     if (!failed && !have)
-        failed = capture(api, config, true, stdout_room, fds);
-    if (!failed && !have)
-        failed = capture(api, config, false, stderr_room, fds + 2);
+        failed = capture_both(api, config, stdout_room, stderr_room, fds);
     if (failed) {
         api->config_delete(config);
     } else {
@@ -599,11 +608,9 @@ static void *reaper_loop(void *arg) {
             ready_config made = {NULL, {-1, -1, -1, -1}};
             made.config = r->api.config_new();
             int failed = made.config == NULL;
-            if (!failed && (capture(&r->api, made.config, true, r->stdout_room, made.fds) ||
-                            capture(&r->api, made.config, false, r->stderr_room, made.fds + 2))) {
+            if (!failed && capture_both(&r->api, made.config, r->stdout_room, r->stderr_room,
+                                        made.fds) != 0) {
                 failed = 1;
-                if (made.fds[0] >= 0)
-                    close(made.fds[0]);
                 r->api.config_delete(made.config);
             }
             pthread_mutex_lock(&r->lock);

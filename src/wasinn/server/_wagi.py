@@ -179,15 +179,15 @@ class WagiRoute:
         # finished requests' Stores are deleted after their responses, in C, where the host's
         # native path is built (when their outputs are files: no Python runs there)
         fast = host._abi.fast
-        self._reaper = None if fast is None else fast.reaper(
-            DEFAULT_WORKERS if pool is None else pool.workers)
+        workers = DEFAULT_WORKERS if pool is None else pool.workers
+        self._reaper = None if fast is None else fast.reaper(workers)
         # each request's WASI set in one C call there (else, or if that fails, in Python),
         # its output files made ahead by the reaper's thread
         self._native_wasi = fast.wasi() if fast is not None and _FileCapture.available \
             else None
         if self._native_wasi is not None and self._reaper is not None:
             self._reaper.prepare(self._native_wasi, max_output + _OVERFLOW_ROOM, _STDERR_ROOM,
-                                 min(8, DEFAULT_WORKERS if pool is None else pool.workers))
+                                 min(8, workers))
         self._argv = pack([self.module_path.name])
         self._dirs = pack([part for d in self.dirs for part in (str(d.host), d.guest)])
         # resolved now: a module importing what the host lacks fails at start-up, not per call
@@ -248,7 +248,7 @@ class WagiRoute:
             if outputs is None:
                 store.set_wasi(self._wasi(request, stdout, stderr))
             state = host.add_to_store(store, preinit=self._preinit)
-            if self.max_memory is not None:
+            if self.max_memory != host.max_memory:  # add_to_store set the host's
                 store.set_limits(memory_size=self.max_memory)
             setup = time.perf_counter()
             with host._ticker.deadline(store, self.timeout):
@@ -347,7 +347,7 @@ class WagiRoute:
         native = self._native_wasi
         if native is None:
             return None
-        env = {**self.env, **self.cgi_env(request)}
+        env = self._environ(request)
         body = request.body if isinstance(request.body, bytes) else bytes(request.body)
         fds = native.set(store, self._argv, 1, pack([p for pair in env.items() for p in pair]),
                          len(env), body, self._dirs, len(self.dirs),
@@ -361,13 +361,17 @@ class WagiRoute:
               stderr: Captured) -> wasmtime.WasiConfig:
         wasi = wasmtime.WasiConfig()
         wasi.argv = [self.module_path.name]
-        wasi.env = list({**self.env, **self.cgi_env(request)}.items())
+        wasi.env = list(self._environ(request).items())
         _set_input(wasi, request.body)
         stdout.attach(wasi, "stdout")
         stderr.attach(wasi, "stderr")
         for preopen in self.dirs:
             wasi.preopen_dir(str(preopen.host), preopen.guest)
         return wasi
+
+    def _environ(self, request: WagiRequest) -> dict[str, str]:
+        """The guest's environment: the route's, then the request's CGI variables."""
+        return {**self.env, **self.cgi_env(request)}
 
     def cgi_env(self, request: WagiRequest) -> dict[str, str]:
         """The CGI/1.1 variables of `request` (WAGI's set): the route is SCRIPT_NAME, the
