@@ -20,14 +20,18 @@ own thread), so that neither runs inside the next timing:
    request (`Linker.instantiate`);
 4. linking reused: one `InstancePre` for all requests;
 5. pre-initialized: `wasinn preinit` ran the guest's init once (model bound by name, labels
-   read); every instance starts from that snapshot, from one `InstancePre`.
+   read); every instance starts from that snapshot, from one `InstancePre`;
+6. instance made ahead (what `wasinn serve --route` runs): step 5, and the route's own C
+   thread makes the next request's Store and instance after each response, so that the
+   request sets its WASI and wasi-nn state on one and runs it. The work is moved, not gone:
+   it happens between requests (here in the untimed wait after each), on the other core.
 
 Beside each step, the inference inside the request on its own: onnxruntime's `run` on the
 same session with the same input, timed in the same rounds (the two alternate, so noise hits
 both). `over inference` = p50 request - p50 inference. `over its own` = the median, over
 requests, of the request less the inference inside it (the time in wasi-nn compute, which
 the route reports): the target's measure, as it is immune to the drift of the machine
-between the separate runs. Target (issue 7): a warm request (steps 4 and 5) costs <= 1 ms
+between the separate runs. Target (issue 7): a warm request (steps 4 to 6) costs <= 1 ms
 more than the inference inside it.
 
 Part 2, requests per second over HTTP: `wasinn serve --route /classify=...` (pre-initialized
@@ -57,6 +61,7 @@ from wasinn.cli import ROUTE_WORKERS, SERVER_BACKENDS, route_slots
 from wasinn.host import Host, Preopen
 from wasinn.preinit import preinitialize
 from wasinn.server import WagiRequest, WagiResponse, WagiRoute
+from wasinn.server._wagi import DEFAULT_AHEAD
 
 MODEL = "efficientnet-lite0"
 LABELS = EXAMPLE_OUT / "imagenet_labels.txt"
@@ -161,9 +166,9 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         def infer() -> object:
             return session.run(None, feeds)
 
-        def route(module: Path, reuse_linking: bool = True) -> WagiRoute:
+        def route(module: Path, reuse_linking: bool = True, ahead: int = 0) -> WagiRoute:
             return WagiRoute(host, module, route="/classify", env=ROUTE_ENV, dirs=ROUTE_DIRS,
-                             reuse_linking=reuse_linking)
+                             reuse_linking=reuse_linking, ahead=ahead)
 
         def fresh_route(cached: bool) -> Callable[[], WagiResponse]:
             def serve() -> WagiResponse:
@@ -183,6 +188,7 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         linked_per_request = route(guest, reuse_linking=False)
         reused = route(guest)
         preinit = route(preinit_wasm)
+        ahead = route(preinit_wasm, ahead=DEFAULT_AHEAD)
         plan: list[tuple[str, Callable[[], WagiResponse], WagiRoute | None]] = [
             ("1 cold: compile + link", fresh_route(cached=False), None),
             ("2 module cache + link", fresh_route(cached=True), None),
@@ -191,6 +197,7 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
             ("4 linking reused (InstancePre)", lambda: reused.handle(request_of(body)), reused),
             ("5 pre-initialized + InstancePre", lambda: preinit.handle(request_of(body)),
              preinit),
+            ("6 + instance made ahead", lambda: ahead.handle(request_of(body)), ahead),
         ]
         steps = []
         for name, serve, settles in plan:
@@ -199,7 +206,7 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
                                       max(3, args.requests // 4) if cold else args.requests,
                                       1 if cold else args.warmup,
                                       settle=settles.settle if settles else lambda: None))
-        for r in (linked_per_request, reused, preinit):
+        for r in (linked_per_request, reused, preinit, ahead):
             r.close()
         return steps
     finally:
@@ -220,7 +227,7 @@ def report_latency(steps: Sequence[Step]) -> bool:
           " inference inside it (its wasi-nn compute); setup: Store, WASI config with the body"
           " as stdin and output files; run: the guest's _start, inference included; the cold"
           " steps' p50 include making the route)")
-    warm = [s for s in steps if s.name.startswith(("4", "5"))]
+    warm = [s for s in steps if s.name.startswith(("4", "5", "6"))]
     best = min(warm, key=lambda s: s.over_inside_s)
     ok = best.over_inside_s <= TARGET_OVER_MS / 1e3
     print(f"target: a warm request <= {TARGET_OVER_MS:g} ms over the inference inside it: "

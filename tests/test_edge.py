@@ -38,7 +38,8 @@ MAX_MEMORY = 16 << 20
 def host(example_assets: Path, tiny: Path) -> Iterator[Host]:
     model = example_assets / "efficientnet-lite0" / "model.onnx"
     host = Host(models=[f"efficientnet-lite0:onnx:cpu:{model}", f"tiny:GGML:AUTO:{tiny}"],
-                module_cache=False, instance_pool=route_slots(ROUTE_WORKERS))  # as serve has it
+                module_cache=False,
+                instance_pool=route_slots(ROUTE_WORKERS, 3))  # as serve has it
     host.registry.preload_all()
     yield host
     host.close()
@@ -368,6 +369,68 @@ def test_finished_stores_go_and_their_slots_come_back(example_assets: Path,
     finally:
         route.close()
         host.close()
+
+
+def test_instances_made_ahead(host: Host, guests: dict[str, Path]) -> None:
+    """Where the native path is built, a route keeps an instance made ahead for its next
+    request: each request still gets a fresh one (its globals as the module starts them), its
+    own WASI, and the route's memory limit and deadline."""
+    route = WagiRoute(host, guests["edge_test"], route="/test", max_memory=MAX_MEMORY,
+                      timeout=TIMEOUT)
+    try:
+        if host._abi.fast is None:
+            assert route.ahead == 0
+        else:
+            assert route.ahead == 1
+            route.settle()
+            made = route._reaper.take_instance(host.engine)  # the one the next request gets
+            assert made is not None
+            route._reaper.drop(made[0])
+            route.settle()
+        for i in range(4):
+            seen = echo(_echo(route, f"body {i}".encode()).body.decode())
+            assert (seen["body"], seen["served"]) == (f"body {i}", "1")
+        over = route.handle(WagiRequest(path="/test/grow", query=f"mb={2 * MAX_MEMORY >> 20}"))
+        assert over.status == 500 and over.body.startswith(b"the guest trapped")
+        assert route.handle(WagiRequest(path="/test/loop")).status == 504
+        assert route.handle(WagiRequest(path="/test/grow", query="mb=2")).body == b"grew 2 MiB\n"
+    finally:
+        route.close()
+
+
+# a WASI command with a start function: it runs as the module is instantiated
+_STARTS = r"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "Content-Type: text/plain\n\nstarted ")
+  (global $started (mut i32) (i32.const 48))
+  (func $init (global.set $started (i32.add (global.get $started) (i32.const 1))))
+  (start $init)
+  (func (export "_start")
+    (i32.store8 (i32.const 50) (global.get $started))
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 35))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+def test_a_module_with_a_start_function_gets_none_made_ahead(host: Host,
+                                                             tmp_path: Path) -> None:
+    """Its start function is guest code: it runs in the request, after the request's WASI is
+    set, as a fresh instance's (once)."""
+    import wasmtime
+
+    module = tmp_path / "starts.wasm"
+    module.write_bytes(wasmtime.wat2wasm(_STARTS))
+    route = WagiRoute(host, module, route="/s")
+    try:
+        assert route.ahead == 0
+        for _ in range(2):
+            response = route.handle(WagiRequest(path="/s"))
+            assert (response.status, response.body) == (200, b"started 1")
+    finally:
+        route.close()
 
 
 def test_parse_cgi() -> None:

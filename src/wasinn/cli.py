@@ -411,10 +411,13 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def route_slots(workers: int) -> int:
-    """Pooled instance slots for routes run by `workers`: each running request holds one, and
-    so may each Store waiting to be dropped after its response (at most `workers`)."""
-    return 2 * workers + 2
+def route_slots(workers: int, routes: int = 1) -> int:
+    """Pooled instance slots for `routes` run by `workers`: each running request holds one,
+    and so may each Store waiting to be dropped after its response (at most `workers`), and
+    each instance a route made ahead."""
+    from .server._wagi import DEFAULT_AHEAD
+
+    return 2 * workers + 2 + routes * DEFAULT_AHEAD
 
 
 def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
@@ -518,7 +521,8 @@ def serve_main(args: argparse.Namespace) -> int:
         upstream = upstream_config(args)
         host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter(),
                     backend_options=SERVER_BACKENDS,
-                    instance_pool=route_slots(args.route_workers) if args.route else None)
+                    instance_pool=route_slots(args.route_workers, len(args.route))
+                    if args.route else None)
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -33,6 +33,9 @@ Input = str | os.PathLike[str] | bytes | bytearray | memoryview | None
 
 #: how often the epoch ticks while some guest runs under a deadline
 EPOCH_TICK_S = 0.01
+#: a store's epoch deadline until a timeout sets one (with epoch interruption on, a store's
+#: deadline starts at 0: it would stop at once)
+FAR_DEADLINE = 1 << 62
 
 
 class GuestTimeout(Exception):
@@ -136,14 +139,15 @@ class Host:
                 self._ticker.use_native(self._abi.fast)
         self._native = None  # decided
 
-    def add_to_store(self, store: wasmtime.Store,
-                     preinit: PreinitRecord | None = None) -> NnState:
+    def add_to_store(self, store: wasmtime.Store, preinit: PreinitRecord | None = None,
+                     limits: bool = True) -> NnState:
         """Give `store` its own wasi-nn handles and this host's limits. Call once per Store.
 
         Every Store on `host.engine` needs this (or comes from `host.store()`): the engine
         runs with epoch interruption for timeouts, and this also sets the store's deadline.
         `preinit` (from `host.preinit_record(module)`) binds the graph handles a pre-initialized
         module's snapshot holds, to the same named models; PreinitError if one is not offered.
+        `limits=False`: the store's memory limit and deadline are set already.
         """
         self._start_native()
         key = store_key(store)
@@ -153,10 +157,11 @@ class Host:
             _bind_preinit(state, preinit)
         self._states[key] = state
         weakref.finalize(store, self._forget, key, state)
+        if not limits:
+            return state
         if self.max_memory is not None:
             store.set_limits(memory_size=self.max_memory)
-        # with epoch interruption on, a store's deadline starts at 0: it would stop at once
-        store.set_epoch_deadline(1 << 62)
+        store.set_epoch_deadline(FAR_DEADLINE)
         return state
 
     def _forget(self, key: int, state: NnState) -> None:

@@ -18,14 +18,10 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+import wasmtime
 from wasmtime import _ffi as ffi
 
 from ..modcache import default_cache_dir
-
-if TYPE_CHECKING:
-    import wasmtime
 
 log = logging.getLogger("wasinn")
 
@@ -99,6 +95,11 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_reaper_prepare.restype = ctypes.c_int
     lib.fp_reaper_prepare.argtypes = [_c, _c, ctypes.c_int64, ctypes.c_int64, ctypes.c_size_t]
     lib.fp_reaper_close.argtypes = [_c]
+    lib.fp_reaper_instances.restype = ctypes.c_int
+    lib.fp_reaper_instances.argtypes = [_c, ctypes.POINTER(_c), ctypes.c_size_t, _c, _c,
+                                        ctypes.c_int64, _u64, ctypes.c_size_t]
+    lib.fp_reaper_take_instance.restype = ctypes.c_int
+    lib.fp_reaper_take_instance.argtypes = [_c, ctypes.POINTER(_c), _c, ctypes.c_size_t]
     lib.fp_wasi_api_new.restype = _c
     lib.fp_wasi_api_new.argtypes = [ctypes.POINTER(_c), ctypes.c_size_t]
     lib.fp_wasi_api_free.argtypes = [_c]
@@ -212,6 +213,12 @@ class FastPath:
             self._lib.fp_release(table)
 
 
+#: the C API functions fp_reaper_instances calls, in the order of its store_api struct
+_STORE_FUNCS = ("wasmtime_store_new", "wasmtime_store_context", "wasmtime_store_limiter",
+                "wasmtime_context_set_epoch_deadline", "wasmtime_instance_pre_instantiate",
+                "wasmtime_error_delete", "wasm_trap_delete")
+
+
 #: the C API functions fp_wasi_set calls, in the order of its wasi_api struct
 _WASI_FUNCS = ("wasi_config_new", "wasi_config_delete", "wasi_config_set_argv",
                "wasi_config_set_env", "wasm_byte_vec_new", "wasi_config_set_stdin_bytes",
@@ -308,11 +315,49 @@ class Reaper(_Worker):
         return bool(self._ptr) and bool(self._lib.fp_reaper_prepare(
             self._ptr, wasi._api, stdout_room, stderr_room, count))
 
+    def instances(self, engine: wasmtime.Engine, pre: wasmtime.InstancePre,
+                  memory_size: int | None, deadline: int, count: int) -> bool:
+        """Between Stores, also make `count` (at most 8) Stores ahead, each with a memory
+        limit of `memory_size` bytes (None: none) and this epoch deadline, and an instance of
+        `pre`'s module in it, for `take_instance`. Only for a module without a start function:
+        no guest code may run on this thread. Holds `engine` and `pre` until closed."""
+        if not self._ptr:
+            return False
+        funcs = (_c * len(_STORE_FUNCS))(*(_address(name) for name in _STORE_FUNCS))
+        self._keep = (engine, pre)  # the thread uses their pointers: they must outlive it
+        return bool(self._lib.fp_reaper_instances(
+            self._ptr, funcs, len(_STORE_FUNCS), ctypes.cast(engine.ptr(), _c),
+            ctypes.cast(pre.ptr(), _c), -1 if memory_size is None else memory_size, deadline,
+            count))
+
+    def take_instance(self, engine: wasmtime.Engine
+                      ) -> tuple[wasmtime.Store, wasmtime.Instance] | None:
+        """A Store made ahead with its instance (see `instances`), or None. Set its WASI
+        and wasi-nn state before the guest runs."""
+        if not self._ptr:
+            return None
+        pointer, instance = _c(), ffi.wasmtime_instance_t()
+        if not self._lib.fp_reaper_take_instance(self._ptr, ctypes.byref(pointer),
+                                                 ctypes.byref(instance),
+                                                 ctypes.sizeof(instance)):
+            return None
+        return _adopt_store(pointer.value, engine), wasmtime.Instance._from_raw(instance)
+
     def settle(self) -> None:
-        """Wait until every Store handed over is deleted (and the configs asked of `prepare`
-        are made)."""
+        """Wait until every Store handed over is deleted (and the configs and instances
+        asked of `prepare` and `instances` are made)."""
         if self._ptr:
             self._lib.fp_reaper_settle(self._ptr)
+
+
+def _adopt_store(pointer: int, engine: wasmtime.Engine) -> wasmtime.Store:
+    """A wasmtime.Store owning the store made in C at `pointer` (deleted with it)."""
+    store = wasmtime.Store.__new__(wasmtime.Store)
+    typed = ctypes.cast(pointer, ctypes.POINTER(ffi.wasmtime_store_t))
+    store._set_ptr(typed)
+    store._Store__context = ffi.wasmtime_store_context(typed)  # what Store.__init__ sets
+    store.engine = engine
+    return store
 
 
 class Ticker(_Worker):

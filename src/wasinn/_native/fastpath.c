@@ -546,6 +546,27 @@ typedef void (*store_delete_fn)(void *store);
 
 #define MAX_READY 8
 
+/* the C API functions that make a Store with an instance in it (fp_reaper_instances) */
+typedef struct {
+    void *(*store_new)(void *engine, void *data, void *finalizer);
+    void *(*store_context)(void *store);
+    void (*store_limiter)(void *store, int64_t memory_size, int64_t table_elements,
+                          int64_t instances, int64_t tables, int64_t memories);
+    void (*set_epoch_deadline)(void *context, uint64_t ticks_beyond_current);
+    void *(*pre_instantiate)(const void *pre, void *context, void *instance, void **trap);
+    void (*error_delete)(void *error);
+    void (*trap_delete)(void *trap);
+} store_api;
+
+#define STORE_API_FUNCS 7
+#define INSTANCE_BYTES 32 /* room for a wasmtime_instance_t (16 bytes on 64-bit) */
+
+/* a Store with a fresh instance of the route's module, no guest code run yet */
+typedef struct {
+    void *store;
+    uint8_t instance[INSTANCE_BYTES];
+} ready_instance;
+
 struct reaper {
     pthread_mutex_t lock;
     pthread_cond_t wake, idle;
@@ -562,6 +583,17 @@ struct reaper {
     size_t want, nready;
     int failed;
     ready_config ready[MAX_READY];
+    /* instances made ahead (fp_reaper_instances): up to `want_instances`, each in a Store of
+     * its own; `instance_failed`: the last try failed (no retry until a Store is deleted) */
+    store_api sapi;
+    bool has_sapi;
+    void *engine;
+    const void *pre;
+    int64_t memory_size;
+    uint64_t deadline;
+    size_t want_instances, ninstances;
+    int instance_failed;
+    ready_instance instances[MAX_READY];
 };
 
 reaper *fp_reaper_new(void *store_delete, size_t max_pending) {
@@ -588,11 +620,41 @@ static bool wants_config(const reaper *r) {
     return r->has_api && r->nready < r->want && !r->failed;
 }
 
+/* is there an instance to make ahead? (under the lock) */
+static bool wants_instance(const reaper *r) {
+    return r->has_sapi && r->ninstances < r->want_instances && !r->instance_failed;
+}
+
+/* a Store as the host's add_to_store leaves one (memory limit, a deadline far off), with an
+ * instance made from the InstancePre; false if either failed (nothing is left) */
+static bool make_instance(reaper *r, ready_instance *out) {
+    const store_api *api = &r->sapi;
+    void *store = api->store_new(r->engine, NULL, NULL);
+    if (store == NULL)
+        return false;
+    if (r->memory_size >= 0)
+        api->store_limiter(store, r->memory_size, -1, -1, -1, -1);
+    void *context = api->store_context(store);
+    api->set_epoch_deadline(context, r->deadline);
+    void *trap = NULL;
+    void *error = api->pre_instantiate(r->pre, context, out->instance, &trap);
+    if (error != NULL || trap != NULL) {
+        if (error != NULL)
+            api->error_delete(error);
+        if (trap != NULL)
+            api->trap_delete(trap);
+        r->store_delete(store);
+        return false;
+    }
+    out->store = store;
+    return true;
+}
+
 static void *reaper_loop(void *arg) {
     reaper *r = arg;
     pthread_mutex_lock(&r->lock);
     for (;;) {
-        while (r->len == 0 && !r->stop && !wants_config(r))
+        while (r->len == 0 && !r->stop && !wants_config(r) && !wants_instance(r))
             pthread_cond_wait(&r->wake, &r->lock);
         if (r->len > 0) {
             void *store = r->queue[r->head];
@@ -602,6 +664,22 @@ static void *reaper_loop(void *arg) {
             pthread_mutex_unlock(&r->lock);
             r->store_delete(store);
             pthread_mutex_lock(&r->lock);
+            r->instance_failed = 0; /* its instance slot, if pooled, is free again */
+        } else if (!r->stop && wants_instance(r)) {
+            r->busy = 1;
+            pthread_mutex_unlock(&r->lock);
+            ready_instance made;
+            bool ok = make_instance(r, &made);
+            pthread_mutex_lock(&r->lock);
+            if (!ok)
+                r->instance_failed = 1;
+            else if (r->ninstances < r->want_instances)
+                r->instances[r->ninstances++] = made;
+            else { /* fewer wanted now */
+                pthread_mutex_unlock(&r->lock);
+                r->store_delete(made.store);
+                pthread_mutex_lock(&r->lock);
+            }
         } else if (!r->stop) { /* wants_config */
             r->busy = 1;
             pthread_mutex_unlock(&r->lock);
@@ -622,7 +700,7 @@ static void *reaper_loop(void *arg) {
             break; /* stopping, and nothing left to delete */
         }
         r->busy = 0;
-        if (r->len == 0 && !wants_config(r))
+        if (r->len == 0 && !wants_config(r) && !wants_instance(r))
             pthread_cond_broadcast(&r->idle);
     }
     pthread_cond_broadcast(&r->idle);
@@ -686,10 +764,58 @@ static int reaper_take(reaper *r, ready_config *out) {
     return taken;
 }
 
-/* wait until every store handed over is deleted, and the configs wanted are made */
+/* Make instances ahead, `want` of them (at most MAX_READY): each a Store on `engine` with
+ * this memory limit (-1: none) and epoch deadline, and an instance from the InstancePre
+ * `pre` (a module without a start function: no guest code runs here). A route's request
+ * then sets its WASI on one and runs it: the Store and the instantiation cost ~0.35 ms of a
+ * request after an inference's cold caches. `engine` and `pre` must outlive the reaper. */
+int fp_reaper_instances(reaper *r, void *const *funcs, size_t n, void *engine, const void *pre,
+                        int64_t memory_size, uint64_t deadline, size_t want) {
+    if (n != STORE_API_FUNCS || engine == NULL || pre == NULL || want > MAX_READY)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (funcs[i] == NULL)
+            return 0;
+    pthread_mutex_lock(&r->lock);
+    memcpy(&r->sapi, funcs, sizeof r->sapi); /* the same order, all function pointers */
+    r->has_sapi = true;
+    r->engine = engine;
+    r->pre = pre;
+    r->memory_size = memory_size;
+    r->deadline = deadline;
+    r->want_instances = want;
+    r->instance_failed = 0;
+    reaper_start(r);
+    pthread_cond_signal(&r->wake);
+    int ok = r->started;
+    pthread_mutex_unlock(&r->lock);
+    return ok;
+}
+
+/* an instance made ahead (1: *store and instance[0..size) set, the Store now the
+ * caller's), or none (0) */
+int fp_reaper_take_instance(reaper *r, void **store, uint8_t *instance, size_t size) {
+    if (size > INSTANCE_BYTES)
+        return 0;
+    int taken = 0;
+    pthread_mutex_lock(&r->lock);
+    if (r->ninstances > 0) {
+        ready_instance *made = &r->instances[--r->ninstances];
+        *store = made->store;
+        memcpy(instance, made->instance, size);
+        taken = 1;
+    }
+    /* no wake-up here, as in reaper_take: the next one is made after this request's Store
+     * is handed over */
+    pthread_mutex_unlock(&r->lock);
+    return taken;
+}
+
+/* wait until every store handed over is deleted, and the configs and instances wanted are
+ * made */
 void fp_reaper_settle(reaper *r) {
     pthread_mutex_lock(&r->lock);
-    while (r->started && (r->len || r->busy || wants_config(r)))
+    while (r->started && (r->len || r->busy || wants_config(r) || wants_instance(r)))
         pthread_cond_wait(&r->idle, &r->lock);
     pthread_mutex_unlock(&r->lock);
 }
@@ -720,6 +846,8 @@ void fp_reaper_close(reaper *r) {
         close(r->ready[i].fds[2]);
         r->api.config_delete(r->ready[i].config); /* closes wasmtime's descriptors */
     }
+    for (size_t i = 0; i < r->ninstances; i++)
+        r->store_delete(r->instances[i].store);
     free(r->queue);
     free(r);
 }

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ._record import SECTION, GraphBinding, PreinitError, PreinitRecord, read_record
 from ._snapshot import INIT_FUNC, RESUME_FUNC, check_init_export, imports_wasi_nn, snapshot
-from ._wasm import FUNC_KIND, Module, WasmFormatError
+from ._wasm import FUNC_KIND, Module, WasmFormatError, has_start
 from ._wizer import WIZER_ENV, find_wizer, run_wizer
 
 if TYPE_CHECKING:
@@ -74,5 +74,6 @@ def preinitialize(wasm: bytes, host: Host | None = None, *, engine: Engine = "au
 
 
 __all__ = ["INIT_FUNC", "SECTION", "WIZER_ENV", "Engine", "GraphBinding", "PreinitError",
-           "PreinitRecord", "Preinitialized", "find_wizer", "preinitialize", "read_record"]
+           "PreinitRecord", "Preinitialized", "find_wizer", "has_start", "preinitialize",
+           "read_record"]
 

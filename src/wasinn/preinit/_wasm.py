@@ -8,6 +8,7 @@ gives the same bytes, so only the sections a snapshot changes are re-encoded.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAGIC = b"\0asm\x01\0\0\0"
@@ -383,9 +384,8 @@ class Module:
         return sum(1 for i in self.imports() if i.kind == kind)
 
 
-def find_custom(wasm: bytes, section_name: str) -> bytes | None:
-    """The payload of the first custom section called `section_name`, reading only section
-    headers (no copy of the others)."""
+def section_spans(wasm: bytes) -> Iterator[tuple[int, int, int]]:
+    """(id, start, end) of each section's payload, reading only section headers."""
     if wasm[:8] != MAGIC:
         raise WasmFormatError("not a WebAssembly core module (bad magic or version)")
     reader = Reader(wasm, 8)
@@ -395,12 +395,24 @@ def find_custom(wasm: bytes, section_name: str) -> bytes | None:
         end = reader.pos + size
         if end > len(wasm):
             raise WasmFormatError("unexpected end of module")
+        yield section_id, reader.pos, end
+        reader.pos = end
+
+
+def find_custom(wasm: bytes, section_name: str) -> bytes | None:
+    """The payload of the first custom section called `section_name`, reading only section
+    headers (no copy of the others)."""
+    for section_id, start, end in section_spans(wasm):
         if section_id == CUSTOM:
-            inner = Reader(wasm, reader.pos, end)
+            inner = Reader(wasm, start, end)
             if inner.name() == section_name:
                 return bytes(wasm[inner.pos:end])
-        reader.pos = end
     return None
+
+
+def has_start(wasm: bytes) -> bool:
+    """Whether the module has a start function (guest code that runs as it is instantiated)."""
+    return any(section_id == START for section_id, _, _ in section_spans(wasm))
 
 
 def _limits(reader: Reader) -> Limits:

@@ -30,8 +30,8 @@ from wasmtime import _ffi
 from .. import __version__
 from ..abi._raw import store_key
 from .._native import NativeWasi, pack
-from ..host import HeldCallbacks, Host, Preopen, _set_input, _set_output
-from ..preinit import PreinitError
+from ..host import FAR_DEADLINE, HeldCallbacks, Host, Preopen, _set_input, _set_output
+from ..preinit import PreinitError, has_start
 
 log = logging.getLogger("wasinn.server")
 
@@ -39,6 +39,8 @@ log = logging.getLogger("wasinn.server")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 << 20
 DEFAULT_WORKERS = 4
+#: instances each route keeps made ahead (each holds a pooled instance slot)
+DEFAULT_AHEAD = 1
 _STDERR_KEPT = 4096  # of the guest's stderr, for the log and the 500's reason
 _STDERR_ROOM = 1 << 20  # stderr written to a file: writes past this fail
 #: stdout written to a file has this room past its limit, so that a write that passes the
@@ -142,13 +144,18 @@ class WagiRoute:
     `max_memory` (bytes of linear memory; None: the host's) limit each request; `env` and
     `dirs` (preopened directories) are given to every instance. The guest may write at most
     `max_output` bytes. Turn `reuse_linking` off to link every request anew (to measure it).
+
+    With the native path built, `ahead` Stores, each with a fresh instance of the module, are
+    made after responses on the route's own thread, for the next requests: a request then sets
+    its WASI and wasi-nn state on one and runs it (no guest code runs before that: a module with
+    a start function gets none made ahead). Each holds one of the host's pooled instance slots.
     """
 
     def __init__(self, host: Host, module: str | os.PathLike[str], *, route: str = "/",
                  timeout: float | None = DEFAULT_TIMEOUT, max_memory: int | None = None,
                  env: Mapping[str, str] | None = None, dirs: Iterable[Preopen | str] = (),
                  reuse_linking: bool = True, max_output: int = DEFAULT_MAX_OUTPUT,
-                 pool: WagiPool | None = None) -> None:
+                 pool: WagiPool | None = None, ahead: int = DEFAULT_AHEAD) -> None:
         if not route.startswith("/"):
             raise ValueError(f"route {route!r}: a route is a path, starting with /")
         self.host = host
@@ -192,6 +199,12 @@ class WagiRoute:
         self._dirs = pack([part for d in self.dirs for part in (str(d.host), d.guest)])
         # resolved now: a module importing what the host lacks fails at start-up, not per call
         self._pre = self._linker.instantiate_pre(self.module)
+        self.ahead = 0
+        if ahead > 0 and reuse_linking and self._reaper is not None \
+                and not has_start(self.module_path.read_bytes()) \
+                and self._reaper.instances(host.engine, self._pre, self.max_memory,
+                                           FAR_DEADLINE, min(ahead, 8)):
+            self.ahead = min(ahead, 8)
 
     def __repr__(self) -> str:
         return f"WagiRoute({self.route!r} -> {str(self.module_path)!r})"
@@ -234,7 +247,9 @@ class WagiRoute:
         the deadline, whose body says why; nothing here raises for what a guest does."""
         start = time.perf_counter()
         host = self.host
-        store = wasmtime.Store(host.engine)
+        # a Store and instance made ahead (their memory limit and deadline set), else new ones
+        made = self._reaper.take_instance(host.engine) if self.ahead else None
+        store = wasmtime.Store(host.engine) if made is None else made[0]
         outputs = self._native_outputs(store, request)
         if outputs is None:
             stdout = self._capture(self.max_output)
@@ -247,12 +262,12 @@ class WagiRoute:
         try:
             if outputs is None:
                 store.set_wasi(self._wasi(request, stdout, stderr))
-            state = host.add_to_store(store, preinit=self._preinit)
-            if self.max_memory != host.max_memory:  # add_to_store set the host's
+            state = host.add_to_store(store, preinit=self._preinit, limits=made is None)
+            if made is None and self.max_memory != host.max_memory:  # add_to_store set the host's
                 store.set_limits(memory_size=self.max_memory)
             setup = time.perf_counter()
             with host._ticker.deadline(store, self.timeout):
-                instance = self._instantiate(store)
+                instance = self._instantiate(store) if made is None else made[1]
                 ready = time.perf_counter()
                 code = _run_start(instance, store)
             ran = time.perf_counter()
