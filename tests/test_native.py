@@ -120,6 +120,32 @@ def test_anything_new_goes_back_to_python(host, ex):
     assert ex.set_input(ctx + 100, 0, F32, x) == Errno.INVALID_ARGUMENT
 
 
+def test_outputs_armed_at_set_input_wait_for_compute(host, module):
+    """A context's outputs are pinned at its first set_input (before any compute), in arrays
+    another store's context computed into: C serves them only once this context has computed,
+    never before, nor after a compute that failed."""
+    x, y, z = add_inputs()
+    first = Exerciser(host, module)
+    assert np.array_equal(add_round(first, add_context(first), x, y), z)
+    e = Exerciser(host, module)
+    ctx = add_context(e)
+    registered = fast(host).stats()[2]
+    assert e.set_input(ctx, 0, F32, x) == SUCCESS
+    before = fast(host).stats()
+    assert before[2] == registered + 2  # the input, and the output armed
+    errno, _, _ = e.get_output(ctx, 0, z.nbytes)  # not computed: Python's error, not z
+    assert errno != SUCCESS
+    assert fast(host).stats()[1] == before[1] + 1
+    assert e.raw("compute", ctx) != SUCCESS  # input 1 missing: the compute fails
+    errno, _, _ = e.get_output(ctx, 0, z.nbytes)
+    assert errno != SUCCESS
+    assert np.array_equal(add_round(e, ctx, x, y), z)
+    hits = fast(host).stats()[0]
+    errno, data, _ = e.get_output(ctx, 0, z.nbytes)  # served in C now
+    assert errno == SUCCESS and np.frombuffer(data, np.float32).tobytes() == z.tobytes()
+    assert fast(host).stats()[0] == hits + 1
+
+
 def test_input_is_copied_at_set_input_not_at_compute(host, ex):
     """A guest that reuses its buffer after set_input must not change what compute sees."""
     ctx = add_context(ex)

@@ -31,8 +31,9 @@ _u32, _u64, _i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
 #: the signature of a wasmtime unchecked host function (and of fastpath.c's handlers)
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _c, _c, _c, ctypes.c_size_t)
 _KIND_INPUT, _KIND_OUTPUT = 1, 2
-#: the functions fastpath.c serves itself when it can, by witx name (the rest: fp_call)
-SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output"}
+#: the functions with a handler of their own in fastpath.c, by witx name (the rest: fp_call):
+#: set_input and get_output served there when they can be, compute marking outputs computed
+SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output", "compute": "fp_compute"}
 #: how fastpath.c calls a Python handler: (caller, store context, 8 x u32) -> errno
 HANDLER = ctypes.CFUNCTYPE(ctypes.c_int32, _c, _c, *([_u32] * 8))
 
@@ -78,7 +79,7 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_put_input.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, ctypes.POINTER(_u32), _u32,
                                  _u32, _c]
     lib.fp_put_output.restype = ctypes.c_int
-    lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c]
+    lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c, _u32]
     lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
     lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
     lib.fp_ticker_new.restype = _c
@@ -165,8 +166,10 @@ class FastPath:
                         (_u32 * len(dims))(*dims), type_code, nbytes, host)
 
     def put_output(self, store: int, store_id: int, ctx: int, index: int, nbytes: int,
-                   host: int) -> None:
-        self._put_output(self._table, store, store_id, ctx, index, nbytes, host)
+                   host: int, computed: bool = True) -> None:
+        """`computed=False`: armed before the context's first compute; C serves it only
+        after a compute succeeds."""
+        self._put_output(self._table, store, store_id, ctx, index, nbytes, host, computed)
 
     def drop_input(self, store: int, ctx: int, index: int) -> None:
         self._drop(self._table, store, ctx, _KIND_INPUT, index)

@@ -8,7 +8,9 @@
  *   - set_input: this (store, context, index) takes exactly these dims, type and byte length
  *     into this host buffer (an array the backend keeps as its input);
  *   - get_output: this (store, context, index) answers these bytes (an array Python keeps
- *     alive until the next compute).
+ *     alive until the next compute). An output whose arrays every compute rewrites is
+ *     registered at the context's first set_input, armed: served only once fp_compute has
+ *     seen that context compute.
  * A call that matches a registration exactly, with every pointer inside guest memory, is served
  * here; anything else (a new shape, a bad handle, a buffer too small, an unknown store) goes to
  * the Python handler, which answers errnos and messages. So this file only copies bytes between
@@ -54,6 +56,7 @@ typedef struct {
     uint64_t store_id; /* wasmtime's id of that store: never reused, unlike an address */
     uint32_t ctx, index, kind;
     uint32_t dims_len, type, len;
+    uint32_t computed; /* output: its context has computed since (else never served) */
     uint32_t dims[MAX_DIMS];
     uint8_t *host;   /* input: where the bytes go; output: where they come from */
 } entry;
@@ -142,7 +145,7 @@ static entry *find(table *t, uint64_t store, uint32_t ctx, uint32_t index, uint3
 
 static int put(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32_t index,
                uint32_t kind, uint32_t dims_len, const uint32_t *dims, uint32_t type,
-               uint32_t len, uint8_t *host) {
+               uint32_t len, uint8_t *host, uint32_t computed) {
     if (store == 0 || dims_len > MAX_DIMS)
         return 0;
     lock(t);
@@ -161,6 +164,7 @@ static int put(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32
         e->type = type;
         e->len = len;
         e->host = host;
+        e->computed = computed;
     }
     unlock(t);
     return e != NULL;
@@ -169,12 +173,14 @@ static int put(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32
 int fp_put_input(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32_t index,
                  uint32_t dims_len, const uint32_t *dims, uint32_t type, uint32_t len,
                  uint8_t *host) {
-    return put(t, store, store_id, ctx, index, KIND_INPUT, dims_len, dims, type, len, host);
+    return put(t, store, store_id, ctx, index, KIND_INPUT, dims_len, dims, type, len, host, 1);
 }
 
+/* `computed` 0: an output armed before its context's first compute (the array holds what
+ * another request computed): served only after fp_compute sees a compute succeed */
 int fp_put_output(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32_t index,
-                  uint32_t len, uint8_t *host) {
-    return put(t, store, store_id, ctx, index, KIND_OUTPUT, 0, NULL, 0, len, host);
+                  uint32_t len, uint8_t *host, uint32_t computed) {
+    return put(t, store, store_id, ctx, index, KIND_OUTPUT, 0, NULL, 0, len, host, computed);
 }
 
 /* Drop registrations: of one store (ctx < 0), one context (kind 0), or one kind in it;
@@ -261,6 +267,28 @@ void *fp_call(void *env, void *caller, void *args, size_t nargs) {
     return call_python(env, caller, NULL, args, nargs);
 }
 
+/* compute(ctx) -> errno: Python computes; once it succeeds, the context's armed outputs may
+ * be served (Python's own follow-up after an inference cost ~0.1 ms with cold caches) */
+void *fp_compute(void *env, void *caller, void *args, size_t nargs) {
+    func_env *f = env;
+    table *t = f->t;
+    void *context = t->caller_context(caller);
+    uint32_t ctx = nargs ? arg(args, 0) : 0;
+    call_python(f, caller, context, args, nargs);
+    int32_t errno_;
+    memcpy(&errno_, args, sizeof errno_);
+    if (errno_ != 0 || context == NULL || nargs == 0)
+        return NULL;
+    lock(t);
+    for (size_t i = 0; i < MAX_ENTRIES; i++) {
+        entry *e = &t->entries[i];
+        if (e->store == (uint64_t)(uintptr_t)context && e->ctx == ctx && e->kind == KIND_OUTPUT)
+            e->computed = 1;
+    }
+    unlock(t);
+    return NULL;
+}
+
 /* set_input(ctx, index, tensor_ptr) -> errno */
 void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
     func_env *f = env;
@@ -308,7 +336,7 @@ void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_OUTPUT);
-    if (e != NULL && e->store_id == m.store_id && e->len <= out_max &&
+    if (e != NULL && e->store_id == m.store_id && e->computed && e->len <= out_max &&
         inside(&m, out_ptr, e->len)) {
         memcpy(m.base + out_ptr, e->host, e->len);
         memcpy(m.base + written_ptr, &e->len, 4);

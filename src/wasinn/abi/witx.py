@@ -100,6 +100,8 @@ class NnState:
     #: wasmtime's id of the store, learnt from its memory on the first call C may repeat
     store_id: int = 0
     output_pins: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    #: contexts whose outputs were pinned at their first set_input, before any compute
+    armed: set[int] = field(default_factory=set)
     #: where input buffers come from and go back to, shared by the host's stores (a store
     #: per request would otherwise map, fault in and unmap a fresh one each time)
     buffer_pool: BufferPool = field(default_factory=BufferPool)
@@ -161,14 +163,16 @@ class NnState:
         except KeyError:
             raise InvalidArgument(f"no execution context with handle {handle}") from None
 
-    def pin_output(self, ctx: int, index: int, output: np.ndarray | bytes | None) -> bool:
+    def pin_output(self, ctx: int, index: int, output: np.ndarray | bytes | None,
+                   computed: bool = True) -> bool:
         """Until the context computes again, C may answer get_output(index) with `output`
-        (replacing what it answered before). False if it cannot."""
+        (replacing what it answered before); `computed=False`: only once the context has
+        computed (C sees it). False if it cannot."""
         if self.fast is None or not self.store_id or not isinstance(output, np.ndarray) \
                 or not output.nbytes or not output.flags.c_contiguous or output.dtype.hasobject:
             return False
         self.fast.put_output(self.store_key, self.store_id, ctx, index, output.nbytes,
-                             output.__array_interface__["data"][0])
+                             output.__array_interface__["data"][0], computed)
         self.output_pins[(ctx, index)] = output  # alive while C may read it
         return True
 
@@ -176,8 +180,17 @@ class NnState:
         if self.output_pins.pop((ctx, index), None) is not None and self.fast is not None:
             self.fast.drop_output(self.store_key, ctx, index)
 
+    def arm_outputs(self, ctx: int, context: ExecutionContext) -> None:
+        """Pin the arrays a context's every compute writes (`outputs_in_place`) before its
+        first compute, to be served by C once it has computed: after an inference, with cold
+        caches, pinning them cost ~0.1 ms of a route's request."""
+        self.armed.add(ctx)
+        for index, output in enumerate(context.output_arrays()):
+            self.pin_output(ctx, index, output, computed=False)
+
     def forget_outputs(self, ctx: int) -> None:
         """Before a context's outputs go: C must no longer copy from them."""
+        self.armed.discard(ctx)
         for c, index in list(self.output_pins):
             if c == ctx:
                 self.forget_output(ctx, index)
@@ -186,6 +199,7 @@ class NnState:
         if self.fast is not None:
             self.fast.drop_store(self.store_key)
         self.output_pins.clear()
+        self.armed.clear()
         for ctx, _ in self.contexts.values():
             ctx.close()
         self.contexts.clear()
@@ -394,6 +408,8 @@ class WitxAbi:
             state.store_id = mem.store_id
             fast.put_input(state.store_key, mem.store_id, ctx, index, dims, type_code, data_len,
                            data.__array_interface__["data"][0])
+            if ctx not in state.armed and getattr(context, "outputs_in_place", False):
+                state.arm_outputs(ctx, context)
         return 0
 
     def compute(self, state: NnState, call: _Call, ctx: int) -> int:
@@ -407,6 +423,8 @@ class WitxAbi:
             raise
         finally:
             state.compute_s += time.perf_counter() - started
+        if ctx in state.armed:
+            return 0  # its outputs were pinned before, and C saw this compute succeed
         if getattr(context, "outputs_in_place", False):
             # the same arrays every time: registrations hold, and the first get_output of a
             # fresh store (a route's every request) can be served in C too

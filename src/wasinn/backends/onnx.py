@@ -225,6 +225,11 @@ class OnnxContext(NotStreaming):
         except Exception as e:
             raise BackendError(f"onnxruntime failed: {e}") from e
 
+    def output_arrays(self) -> list[np.ndarray]:
+        """The arrays every compute writes (with `outputs_in_place`), before the first:
+        what they hold until then is not this context's."""
+        return (self._binding or self._take_binding()).outputs
+
     def _take_binding(self) -> _Binding:
         self._binding = self._graph.take_binding()
         return self._binding
