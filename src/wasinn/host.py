@@ -139,29 +139,32 @@ class Host:
                 self._ticker.use_native(self._abi.fast)
         self._native = None  # decided
 
-    def add_to_store(self, store: wasmtime.Store, preinit: PreinitRecord | None = None,
-                     limits: bool = True) -> NnState:
+    def add_to_store(self, store: wasmtime.Store,
+                     preinit: PreinitRecord | None = None) -> NnState:
         """Give `store` its own wasi-nn handles and this host's limits. Call once per Store.
 
         Every Store on `host.engine` needs this (or comes from `host.store()`): the engine
         runs with epoch interruption for timeouts, and this also sets the store's deadline.
         `preinit` (from `host.preinit_record(module)`) binds the graph handles a pre-initialized
         module's snapshot holds, to the same named models; PreinitError if one is not offered.
-        `limits=False`: the store's memory limit and deadline are set already.
         """
-        self._start_native()
         key = store_key(store)
+        state = self._attach(key, preinit)
+        weakref.finalize(store, self._forget, key, state)
+        if self.max_memory is not None:
+            store.set_limits(memory_size=self.max_memory)
+        store.set_epoch_deadline(FAR_DEADLINE)
+        return state
+
+    def _attach(self, key: int, preinit: PreinitRecord | None = None) -> NnState:
+        """The wasi-nn state of the store whose context is at `key` (see add_to_store);
+        `_forget` it before that store goes."""
+        self._start_native()
         state = NnState(self.registry, self.backends, self.limits, fast=self._abi.fast,
                         store_key=key, buffer_pool=self._buffers)
         if preinit is not None:
             _bind_preinit(state, preinit)
         self._states[key] = state
-        weakref.finalize(store, self._forget, key, state)
-        if not limits:
-            return state
-        if self.max_memory is not None:
-            store.set_limits(memory_size=self.max_memory)
-        store.set_epoch_deadline(FAR_DEADLINE)
         return state
 
     def _forget(self, key: int, state: NnState) -> None:
@@ -422,6 +425,11 @@ class _EpochTicker:
             native.close()
 
 
+def deadline_ticks(timeout: float) -> int:
+    """A timeout as epoch ticks of the host's ticker."""
+    return max(1, round(timeout / EPOCH_TICK_S))
+
+
 class _Deadline:
     def __init__(self, ticker: _EpochTicker, store: wasmtime.Store, timeout: float | None) -> None:
         self._ticker = ticker
@@ -431,7 +439,7 @@ class _Deadline:
 
     def __enter__(self) -> None:
         if self._timeout is not None:
-            ticks = max(1, round(self._timeout / EPOCH_TICK_S))
+            ticks = deadline_ticks(self._timeout)
             self._store.set_epoch_deadline(ticks)
             self._native = self._ticker._enter()
 

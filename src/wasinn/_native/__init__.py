@@ -98,9 +98,8 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_reaper_close.argtypes = [_c]
     lib.fp_reaper_instances.restype = ctypes.c_int
     lib.fp_reaper_instances.argtypes = [_c, ctypes.POINTER(_c), ctypes.c_size_t, _c, _c,
-                                        ctypes.c_int64, _u64, ctypes.c_size_t]
-    lib.fp_reaper_take_instance.restype = ctypes.c_int
-    lib.fp_reaper_take_instance.argtypes = [_c, ctypes.POINTER(_c), _c, ctypes.c_size_t]
+                                        ctypes.c_int64, _u64, ctypes.c_size_t,
+                                        ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
     lib.fp_wasi_api_new.restype = _c
     lib.fp_wasi_api_new.argtypes = [ctypes.POINTER(_c), ctypes.c_size_t]
     lib.fp_wasi_api_free.argtypes = [_c]
@@ -111,6 +110,15 @@ def _load_library() -> ctypes.CDLL | None:
                                 ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int)]
     lib.fp_written.restype = ctypes.c_int64
     lib.fp_written.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.fp_route_begin.restype = ctypes.c_int
+    lib.fp_route_begin.argtypes = [_c, _c, ctypes.c_char_p, _size, _size, ctypes.c_char_p,
+                                   _size, _size, ctypes.c_char_p, _size, ctypes.c_char_p,
+                                   _size, _size, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.POINTER(RouteRequest)]
+    lib.fp_route_run.restype = None
+    lib.fp_route_run.argtypes = [_c, _c, ctypes.POINTER(RouteRequest), ctypes.c_int64]
+    lib.fp_route_end.restype = None
+    lib.fp_route_end.argtypes = [_c, ctypes.POINTER(RouteRequest)]
     return lib
 
 
@@ -219,7 +227,8 @@ class FastPath:
 #: the C API functions fp_reaper_instances calls, in the order of its store_api struct
 _STORE_FUNCS = ("wasmtime_store_new", "wasmtime_store_context", "wasmtime_store_limiter",
                 "wasmtime_context_set_epoch_deadline", "wasmtime_instance_pre_instantiate",
-                "wasmtime_error_delete", "wasm_trap_delete")
+                "wasmtime_error_delete", "wasm_trap_delete", "wasmtime_instance_export_get",
+                "wasmtime_func_call", "wasmtime_error_exit_status")
 
 
 #: the C API functions fp_wasi_set calls, in the order of its wasi_api struct
@@ -290,6 +299,28 @@ class _Worker:
         self.close()
 
 
+class RouteRequest(ctypes.Structure):
+    """fastpath.c's route_request: one request's Store, and how its guest ran."""
+
+    _fields_ = [("store", _c), ("context", _c), ("instance", ctypes.c_uint8 * 32),
+                ("has_instance", ctypes.c_int32), ("fds", ctypes.c_int32 * 4),
+                ("outcome", ctypes.c_int32), ("exit_code", ctypes.c_int32), ("error", _c),
+                ("trap", _c), ("out_len", ctypes.c_int64), ("err_len", ctypes.c_int64),
+                ("instantiate_ns", ctypes.c_int64)]
+
+    RAN, ERROR, TRAP, NO_INSTANCE, NO_START, NO_TICKER = range(6)
+
+    def take_error(self) -> wasmtime.WasmtimeError | None:
+        """The error or trap the run left (now Python's to delete), as wasmtime-py's."""
+        error, trap, self.error, self.trap = self.error, self.trap, None, None
+        if error:
+            return wasmtime.WasmtimeError._from_ptr(
+                ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
+        if trap:
+            return wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
+        return None
+
+
 class Reaper(_Worker):
     """Deletes finished Stores on a thread of its own (in C, so it never waits for the GIL),
     at most `max_pending` at a time: a response need not wait for its Store's teardown.
@@ -298,6 +329,10 @@ class Reaper(_Worker):
     queued first."""
 
     _close = "fp_reaper_close"
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int) -> None:
+        super().__init__(lib, ptr)
+        self._begin, self._run, self._end = lib.fp_route_begin, lib.fp_route_run, lib.fp_route_end
 
     def drop(self, store: wasmtime.Store) -> bool:
         """Take `store` (it is closed for Python); False: the reaper is full, nothing taken."""
@@ -322,7 +357,8 @@ class Reaper(_Worker):
                   memory_size: int | None, deadline: int, count: int) -> bool:
         """Between Stores, also make `count` (at most 8) Stores ahead, each with a memory
         limit of `memory_size` bytes (None: none) and this epoch deadline, and an instance of
-        `pre`'s module in it, for `take_instance`. Only for a module without a start function:
+        `pre`'s module in it, for `begin`; with `count` 0, make none but let `begin` make
+        Stores the same way. Only for a module without a start function:
         no guest code may run on this thread. Holds `engine` and `pre` until closed."""
         if not self._ptr:
             return False
@@ -331,36 +367,38 @@ class Reaper(_Worker):
         return bool(self._lib.fp_reaper_instances(
             self._ptr, funcs, len(_STORE_FUNCS), ctypes.cast(engine.ptr(), _c),
             ctypes.cast(pre.ptr(), _c), -1 if memory_size is None else memory_size, deadline,
-            count))
+            count, ctypes.sizeof(ffi.wasmtime_extern_t), ffi.wasmtime_extern_t.of.offset,
+            ffi.WASMTIME_EXTERN_FUNC.value))
 
-    def take_instance(self, engine: wasmtime.Engine
-                      ) -> tuple[wasmtime.Store, wasmtime.Instance] | None:
-        """A Store made ahead with its instance (see `instances`), or None. Set its WASI
-        and wasi-nn state before the guest runs."""
-        if not self._ptr:
+    # --- a route's request, driven from C (after `instances`; see fp_route_begin) -----------
+
+    def begin(self, wasi: NativeWasi, argv: bytes, argc: int, env: bytes, envc: int,
+              stdin: bytes, dirs: bytes, ndirs: int, stdout_room: int, stderr_room: int
+              ) -> RouteRequest | None:
+        """A Store for one request (made ahead with its instance where one is ready), its
+        WASI set as `NativeWasi.set` sets it; None if that failed (nothing is left)."""
+        request = RouteRequest()
+        if not self._ptr or self._begin(self._ptr, wasi._api, argv, len(argv), argc, env,
+                                        len(env), envc, stdin, len(stdin), dirs, len(dirs),
+                                        ndirs, stdout_room, stderr_room, request):
             return None
-        pointer, instance = _c(), ffi.wasmtime_instance_t()
-        if not self._lib.fp_reaper_take_instance(self._ptr, ctypes.byref(pointer),
-                                                 ctypes.byref(instance),
-                                                 ctypes.sizeof(instance)):
-            return None
-        return _adopt_store(pointer.value, engine), wasmtime.Instance._from_raw(instance)
+        return request
+
+    def run(self, ticker: Ticker, request: RouteRequest, ticks: int) -> None:
+        """Instantiate (if needed) and run `_start`, `ticks` epochs allowed (< 0: no
+        deadline); `request` then tells how it went."""
+        self._run(self._ptr, ticker._ptr, request, ticks)
+
+    def end(self, request: RouteRequest) -> None:
+        """The Store deleted after the response, the output files closed: after the wasi-nn
+        state is forgotten and the outputs read."""
+        self._end(self._ptr, request)
 
     def settle(self) -> None:
         """Wait until every Store handed over is deleted (and the configs and instances
         asked of `prepare` and `instances` are made)."""
         if self._ptr:
             self._lib.fp_reaper_settle(self._ptr)
-
-
-def _adopt_store(pointer: int, engine: wasmtime.Engine) -> wasmtime.Store:
-    """A wasmtime.Store owning the store made in C at `pointer` (deleted with it)."""
-    store = wasmtime.Store.__new__(wasmtime.Store)
-    typed = ctypes.cast(pointer, ctypes.POINTER(ffi.wasmtime_store_t))
-    store._set_ptr(typed)
-    store._Store__context = ffi.wasmtime_store_context(typed)  # what Store.__init__ sets
-    store.engine = engine
-    return store
 
 
 class Ticker(_Worker):

@@ -584,9 +584,15 @@ typedef struct {
     void *(*pre_instantiate)(const void *pre, void *context, void *instance, void **trap);
     void (*error_delete)(void *error);
     void (*trap_delete)(void *trap);
+    /* what fp_route_run calls */
+    bool (*instance_export_get)(void *context, const void *instance, const char *name,
+                                size_t len, void *item);
+    void *(*func_call)(void *context, const void *func, const void *args, size_t nargs,
+                       void *results, size_t nresults, void **trap);
+    bool (*error_exit_status)(const void *error, int *status);
 } store_api;
 
-#define STORE_API_FUNCS 7
+#define STORE_API_FUNCS 10
 #define INSTANCE_BYTES 32 /* room for a wasmtime_instance_t (16 bytes on 64-bit) */
 
 /* a Store with a fresh instance of the route's module, no guest code run yet */
@@ -622,6 +628,7 @@ struct reaper {
     size_t want_instances, ninstances;
     int instance_failed;
     ready_instance instances[MAX_READY];
+    size_t extern_size, extern_of, func_kind; /* wasmtime_extern_t's layout */
 };
 
 reaper *fp_reaper_new(void *store_delete, size_t max_pending) {
@@ -655,15 +662,23 @@ static bool wants_instance(const reaper *r) {
 
 /* a Store as the host's add_to_store leaves one (memory limit, a deadline far off), with an
  * instance made from the InstancePre; false if either failed (nothing is left) */
-static bool make_instance(reaper *r, ready_instance *out) {
+static void *new_store(reaper *r) {
     const store_api *api = &r->sapi;
     void *store = api->store_new(r->engine, NULL, NULL);
     if (store == NULL)
-        return false;
+        return NULL;
     if (r->memory_size >= 0)
         api->store_limiter(store, r->memory_size, -1, -1, -1, -1);
+    api->set_epoch_deadline(api->store_context(store), r->deadline);
+    return store;
+}
+
+static bool make_instance(reaper *r, ready_instance *out) {
+    const store_api *api = &r->sapi;
+    void *store = new_store(r);
+    if (store == NULL)
+        return false;
     void *context = api->store_context(store);
-    api->set_epoch_deadline(context, r->deadline);
     void *trap = NULL;
     void *error = api->pre_instantiate(r->pre, context, out->instance, &trap);
     if (error != NULL || trap != NULL) {
@@ -794,12 +809,15 @@ static int reaper_take(reaper *r, ready_config *out) {
 
 /* Make instances ahead, `want` of them (at most MAX_READY): each a Store on `engine` with
  * this memory limit (-1: none) and epoch deadline, and an instance from the InstancePre
- * `pre` (a module without a start function: no guest code runs here). A route's request
- * then sets its WASI on one and runs it: the Store and the instantiation cost ~0.35 ms of a
- * request after an inference's cold caches. `engine` and `pre` must outlive the reaper. */
+ * `pre` (a module without a start function: no guest code runs here; `want` 0: none).
+ * fp_route_begin takes one, or makes a Store the same way: the Store and the instantiation
+ * cost ~0.25 ms of a request after an inference's cold caches. `engine` and `pre` must
+ * outlive the reaper. */
 int fp_reaper_instances(reaper *r, void *const *funcs, size_t n, void *engine, const void *pre,
-                        int64_t memory_size, uint64_t deadline, size_t want) {
-    if (n != STORE_API_FUNCS || engine == NULL || pre == NULL || want > MAX_READY)
+                        int64_t memory_size, uint64_t deadline, size_t want,
+                        size_t extern_size, size_t extern_of, size_t func_kind) {
+    if (n != STORE_API_FUNCS || engine == NULL || pre == NULL || want > MAX_READY ||
+        extern_size > 64 || extern_of >= extern_size)
         return 0;
     for (size_t i = 0; i < n; i++)
         if (funcs[i] == NULL)
@@ -813,30 +831,14 @@ int fp_reaper_instances(reaper *r, void *const *funcs, size_t n, void *engine, c
     r->deadline = deadline;
     r->want_instances = want;
     r->instance_failed = 0;
+    r->extern_size = extern_size;
+    r->extern_of = extern_of;
+    r->func_kind = func_kind;
     reaper_start(r);
     pthread_cond_signal(&r->wake);
     int ok = r->started;
     pthread_mutex_unlock(&r->lock);
     return ok;
-}
-
-/* an instance made ahead (1: *store and instance[0..size) set, the Store now the
- * caller's), or none (0) */
-int fp_reaper_take_instance(reaper *r, void **store, uint8_t *instance, size_t size) {
-    if (size > INSTANCE_BYTES)
-        return 0;
-    int taken = 0;
-    pthread_mutex_lock(&r->lock);
-    if (r->ninstances > 0) {
-        ready_instance *made = &r->instances[--r->ninstances];
-        *store = made->store;
-        memcpy(instance, made->instance, size);
-        taken = 1;
-    }
-    /* no wake-up here, as in reaper_take: the next one is made after this request's Store
-     * is handed over */
-    pthread_mutex_unlock(&r->lock);
-    return taken;
 }
 
 /* wait until every store handed over is deleted, and the configs and instances wanted are
@@ -956,4 +958,141 @@ void fp_ticker_close(ticker *t) {
         return;
     worker_stop(&t->lock, &t->wake, &t->stop, &t->started, &t->thread);
     free(t);
+}
+
+/*
+ * A route's request driven from C, in three calls (Python registers the request's wasi-nn
+ * state between the first two, and reads the outputs between the last two): after an
+ * inference, with cold caches, every Python step of the request cost more than its C twin.
+ *   fp_route_begin: a Store (one made ahead with its instance, else a new one) with the
+ *     request's WASI (fp_wasi_set);
+ *   fp_route_run: its deadline, the instance (if none was made ahead), `_start`, and how
+ *     much the guest wrote to stdout and stderr;
+ *   fp_route_end: the Store to the reaper, our descriptors of the output files closed.
+ */
+typedef struct {
+    void *store, *context;
+    uint8_t instance[INSTANCE_BYTES];
+    int32_t has_instance;
+    int32_t fds[4];
+    /* set by fp_route_run */
+    int32_t outcome; /* ROUTE_* */
+    int32_t exit_code;
+    void *error, *trap; /* the caller's to delete (Python takes them) */
+    int64_t out_len, err_len;
+    int64_t instantiate_ns;
+} route_request;
+
+#define ROUTE_RAN 0          /* returned, or exited with exit_code */
+#define ROUTE_ERROR 1        /* `error` from _start */
+#define ROUTE_TRAP 2         /* `trap` from _start */
+#define ROUTE_NO_INSTANCE 3  /* instantiation failed: `error` or `trap` says why */
+#define ROUTE_NO_START 4     /* no _start function */
+#define ROUTE_NO_TICKER 5    /* no thread to count the deadline */
+
+/* 0: q holds a Store with the request's WASI; else an errno and nothing is left */
+int fp_route_begin(reaper *r, const wasi_api *api, const char *argv, size_t argv_len,
+                   size_t argc, const char *env, size_t env_len, size_t envc,
+                   const uint8_t *stdin_data, size_t stdin_len, const char *dirs,
+                   size_t dirs_len, size_t ndirs, int64_t stdout_room, int64_t stderr_room,
+                   route_request *q) {
+    memset(q, 0, sizeof *q);
+    for (int i = 0; i < 4; i++)
+        q->fds[i] = -1;
+    if (!r->has_sapi)
+        return EINVAL;
+    ready_instance made;
+    bool have = false;
+    pthread_mutex_lock(&r->lock);
+    if (r->ninstances > 0) {
+        made = r->instances[--r->ninstances];
+        have = true;
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (have) {
+        q->store = made.store;
+        memcpy(q->instance, made.instance, INSTANCE_BYTES);
+        q->has_instance = 1;
+    } else if ((q->store = new_store(r)) == NULL) {
+        return ENOMEM;
+    }
+    q->context = r->sapi.store_context(q->store);
+    int fds[4];
+    int failed = fp_wasi_set(api, r, q->context, argv, argv_len, argc, env, env_len, envc,
+                             stdin_data, stdin_len, dirs, dirs_len, ndirs, stdout_room,
+                             stderr_room, fds);
+    if (failed) {
+        r->store_delete(q->store);
+        memset(q, 0, sizeof *q);
+        return failed;
+    }
+    for (int i = 0; i < 4; i++)
+        q->fds[i] = fds[i];
+    return 0;
+}
+
+/* Run the request's guest: `deadline_ticks` epochs from now (< 0: none), counted by `tk`.
+ * Sets q->outcome (and exit_code, error, trap) and the output lengths. */
+void fp_route_run(reaper *r, ticker *tk, route_request *q, int64_t deadline_ticks) {
+    const store_api *api = &r->sapi;
+    q->outcome = ROUTE_RAN;
+    q->exit_code = 0;
+    q->error = q->trap = NULL;
+    bool timed = deadline_ticks >= 0;
+    if (timed) {
+        api->set_epoch_deadline(q->context, (uint64_t)deadline_ticks);
+        if (tk == NULL || !fp_ticker_enter(tk)) {
+            q->outcome = ROUTE_NO_TICKER;
+            return;
+        }
+    }
+    if (!q->has_instance) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        q->error = api->pre_instantiate(r->pre, q->context, q->instance, &q->trap);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        q->instantiate_ns = (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+        if (q->error != NULL || q->trap != NULL)
+            q->outcome = ROUTE_NO_INSTANCE;
+        else
+            q->has_instance = 1;
+    }
+    if (q->outcome == ROUTE_RAN) {
+        _Alignas(16) uint8_t item[64];
+        memset(item, 0, sizeof item);
+        if (!api->instance_export_get(q->context, q->instance, "_start", 6, item) ||
+            item[0] != r->func_kind) {
+            q->outcome = ROUTE_NO_START;
+        } else {
+            void *error = api->func_call(q->context, item + r->extern_of, NULL, 0, NULL, 0,
+                                         &q->trap);
+            int status = 0;
+            if (error != NULL && api->error_exit_status(error, &status)) {
+                api->error_delete(error); /* proc_exit: an exit, not an error */
+                q->exit_code = status;
+            } else if (error != NULL) {
+                q->error = error;
+                q->outcome = ROUTE_ERROR;
+            } else if (q->trap != NULL) {
+                q->outcome = ROUTE_TRAP;
+            }
+        }
+    }
+    if (timed)
+        fp_ticker_leave(tk);
+    q->out_len = fp_written(q->fds[0], q->fds[1]);
+    q->err_len = fp_written(q->fds[2], q->fds[3]);
+}
+
+/* the Store to the reaper (deleted here if it is full), our output descriptors closed;
+ * call after Python has forgotten the store's wasi-nn state and read the outputs */
+void fp_route_end(reaper *r, route_request *q) {
+    if (q->store != NULL && !fp_reaper_drop(r, q->store))
+        r->store_delete(q->store);
+    q->store = q->context = NULL;
+    for (int i = 0; i < 4; i += 2)
+        if (q->fds[i] >= 0)
+            close(q->fds[i]);
+    for (int i = 0; i < 4; i++)
+        q->fds[i] = -1;
 }

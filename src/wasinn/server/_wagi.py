@@ -29,8 +29,9 @@ from wasmtime import _ffi
 
 from .. import __version__
 from ..abi._raw import store_key
-from .._native import NativeWasi, pack
-from ..host import FAR_DEADLINE, HeldCallbacks, Host, Preopen, _set_input, _set_output
+from .._native import NativeWasi, RouteRequest, pack
+from ..host import (FAR_DEADLINE, HeldCallbacks, Host, Preopen, _set_input, _set_output,
+                    deadline_ticks)
 from ..preinit import PreinitError, has_start
 
 log = logging.getLogger("wasinn.server")
@@ -145,10 +146,11 @@ class WagiRoute:
     `dirs` (preopened directories) are given to every instance. The guest may write at most
     `max_output` bytes. Turn `reuse_linking` off to link every request anew (to measure it).
 
-    With the native path built, `ahead` Stores, each with a fresh instance of the module, are
-    made after responses on the route's own thread, for the next requests: a request then sets
-    its WASI and wasi-nn state on one and runs it (no guest code runs before that: a module with
-    a start function gets none made ahead). Each holds one of the host's pooled instance slots.
+    With the native path built, requests are driven from C (`_drive`), and `ahead` Stores,
+    each with a fresh instance of the module, are made after responses on the route's own
+    thread, for the next requests: a request then sets its WASI and wasi-nn state on one and
+    runs it (no guest code runs before that: a module with a start function gets none made
+    ahead). Each holds one of the host's pooled instance slots.
     """
 
     def __init__(self, host: Host, module: str | os.PathLike[str], *, route: str = "/",
@@ -199,12 +201,17 @@ class WagiRoute:
         self._dirs = pack([part for d in self.dirs for part in (str(d.host), d.guest)])
         # resolved now: a module importing what the host lacks fails at start-up, not per call
         self._pre = self._linker.instantiate_pre(self.module)
+        self._ticks = -1 if timeout is None else deadline_ticks(timeout)
+        host._start_native()
+        self._ticker = host._ticker._native
         self.ahead = 0
-        if ahead > 0 and reuse_linking and self._reaper is not None \
-                and not has_start(self.module_path.read_bytes()) \
-                and self._reaper.instances(host.engine, self._pre, self.max_memory,
-                                           FAR_DEADLINE, min(ahead, 8)):
-            self.ahead = min(ahead, 8)
+        self._driven = False  # requests driven from C
+        if reuse_linking and self._reaper is not None and self._native_wasi is not None \
+                and self._ticker is not None:
+            count = 0 if has_start(self.module_path.read_bytes()) else min(max(ahead, 0), 8)
+            self._driven = self._reaper.instances(host.engine, self._pre, self.max_memory,
+                                                  FAR_DEADLINE, count)
+            self.ahead = count if self._driven else 0
 
     def __repr__(self) -> str:
         return f"WagiRoute({self.route!r} -> {str(self.module_path)!r})"
@@ -245,11 +252,13 @@ class WagiRoute:
         """Run a fresh instance on `request`, in this thread. A guest that fails (traps, exits
         non-zero, runs past its deadline, writes no valid headers) is a 500, or a 504 past
         the deadline, whose body says why; nothing here raises for what a guest does."""
+        if self._driven:
+            response = self._drive(request)
+            if response is not None:
+                return response
         start = time.perf_counter()
         host = self.host
-        # a Store and instance made ahead (their memory limit and deadline set), else new ones
-        made = self._reaper.take_instance(host.engine) if self.ahead else None
-        store = wasmtime.Store(host.engine) if made is None else made[0]
+        store = wasmtime.Store(host.engine)
         outputs = self._native_outputs(store, request)
         if outputs is None:
             stdout = self._capture(self.max_output)
@@ -262,12 +271,12 @@ class WagiRoute:
         try:
             if outputs is None:
                 store.set_wasi(self._wasi(request, stdout, stderr))
-            state = host.add_to_store(store, preinit=self._preinit, limits=made is None)
-            if made is None and self.max_memory != host.max_memory:  # add_to_store set the host's
+            state = host.add_to_store(store, preinit=self._preinit)
+            if self.max_memory != host.max_memory:  # add_to_store set the host's
                 store.set_limits(memory_size=self.max_memory)
             setup = time.perf_counter()
             with host._ticker.deadline(store, self.timeout):
-                instance = self._instantiate(store) if made is None else made[1]
+                instance = self._instantiate(store)
                 ready = time.perf_counter()
                 code = _run_start(instance, store)
             ran = time.perf_counter()
@@ -298,6 +307,65 @@ class WagiRoute:
             if self._reaper is not None and isinstance(stdout, _FileCapture) \
                     and isinstance(stderr, _FileCapture):
                 self._reaper.drop(store)
+
+    def _drive(self, request: WagiRequest) -> WagiResponse | None:
+        """`handle` driven from C: a Store (made ahead, with its instance, where one is
+        ready) and its WASI in one call, the guest run in another; None where the first
+        failed (e.g. out of descriptors: the Python steps then run, and report what fails)."""
+        start = time.perf_counter()
+        host, reaper, native = self.host, self._reaper, self._native_wasi
+        if native is None:  # turned off: the Python steps
+            return None
+        assert reaper is not None and self._ticker is not None
+        env = self._environ(request)
+        body = request.body if isinstance(request.body, bytes) else bytes(request.body)
+        run = reaper.begin(native, self._argv, 1,
+                           pack([p for pair in env.items() for p in pair]), len(env), body,
+                           self._dirs, len(self.dirs), self.max_output + _OVERFLOW_ROOM,
+                           _STDERR_ROOM)
+        if run is None:
+            return None
+        key = run.context
+        state = None
+        try:
+            state = host._attach(key, self._preinit)
+            setup = time.perf_counter()
+            reaper.run(self._ticker, run, self._ticks)
+            if run.outcome == RouteRequest.NO_INSTANCE and not run.trap:
+                # the host's pooled slots may all be held by Stores waiting for the reaper
+                run.take_error()
+                reaper.settle()
+                reaper.run(self._ticker, run, self._ticks)
+            ran = time.perf_counter()
+            instantiate = run.instantiate_ns / 1e9
+            timings = {"setup": setup - start, "instantiate": instantiate,
+                       "run": ran - setup - instantiate, "compute": state.compute_s}
+            stdout = _FileCapture.known(run.fds[0], run.out_len, self.max_output, False)
+            stderr = _FileCapture.known(run.fds[2], run.err_len, _STDERR_KEPT, True)
+            if run.outcome == RouteRequest.RAN:
+                return self._answer(stdout, stderr, run.exit_code, start, timings)
+            timings["total"] = ran - start
+            return self._failed(*self._why(run), stderr, timings)
+        except PreinitError as e:  # a snapshot's model that could not load
+            return WagiResponse.failure(500, f"the guest could not start: {e}",
+                                        total=time.perf_counter() - start)
+        finally:
+            if state is not None:
+                host._forget(key, state)
+            reaper.end(run)
+
+    def _why(self, run: RouteRequest) -> tuple[int, str]:
+        """The status and reason of a driven request whose guest did not run to its end."""
+        error = run.take_error()
+        if isinstance(error, wasmtime.Trap):  # in _start, or in a start function
+            if error.trap_code == wasmtime.TrapCode.INTERRUPT:
+                return 504, f"the guest ran past its {self.timeout:g} s deadline"
+            return 500, f"the guest trapped: {_cause(str(error))}"
+        if run.outcome == RouteRequest.NO_START:
+            return 500, "the guest could not start: the instance has no _start function"
+        if run.outcome == RouteRequest.NO_TICKER:
+            return 500, "the guest could not start: no thread could count its deadline"
+        return 500, f"the guest could not start: {_cause(str(error))}"
 
     def _instantiate(self, store: wasmtime.Store) -> wasmtime.Instance:
         def instantiate() -> wasmtime.Instance:
@@ -553,6 +621,19 @@ class _FileCapture:
         self._native: NativeWasi | None = None
 
     @classmethod
+    def known(cls, fd: int, length: int, limit: int, keep_tail: bool) -> _FileCapture:
+        """A file whose length is known already, `fd` not its to close (read it before the
+        owner closes it)."""
+        capture = cls.__new__(cls)
+        capture._fd = fd
+        capture._owned = False
+        capture._limit = limit
+        capture._keep_tail = keep_tail
+        capture._theirs = -1
+        capture._length = max(0, length)
+        return capture
+
+    @classmethod
     def adopt(cls, fd: int, theirs: int, limit: int, keep_tail: bool,
               native: NativeWasi) -> _FileCapture:
         """The file `NativeWasi.set` made and had wasmtime open (as `theirs`), sized and
@@ -617,7 +698,7 @@ class _FileCapture:
 
     def __del__(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1  # -1: __init__ failed before it had one
-        if fd >= 0:
+        if fd >= 0 and getattr(self, "_owned", True):
             os.close(fd)
 
 
