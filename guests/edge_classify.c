@@ -86,12 +86,17 @@ int main(int argc, char **argv) {
     if (err)
         cgi_fail("400 Bad Request", "the body is not a usable image: %s "
                  "(send a binary PPM, P6 with maxval 255)", err);
-    static unsigned char rgb[IMG_SIZE * IMG_SIZE * 3];
-    err = image_crop(&img, rgb);
-    if (err)
-        cgi_fail("400 Bad Request", "%s", err);
+    /* a 224x224 image is taken as it is, straight from the body */
+    const unsigned char *pixels = img.rgb;
+    if (img.width != IMG_SIZE || img.height != IMG_SIZE) {
+        static unsigned char rgb[IMG_SIZE * IMG_SIZE * 3];
+        err = image_crop(&img, rgb);
+        if (err)
+            cgi_fail("400 Bad Request", "%s", err);
+        pixels = rgb;
+    }
     static float input[3 * IMG_SIZE * IMG_SIZE];
-    image_normalize(rgb, input);
+    image_normalize(pixels, input);
     free(body);
 
     graph g = init_graph;
