@@ -371,6 +371,24 @@ def test_finished_stores_go_and_their_slots_come_back(example_assets: Path,
         host.close()
 
 
+def test_route_environment_and_cgi_variables(host: Host, guests: dict[str, Path]) -> None:
+    """The route's environment, then the request's CGI variables, which replace a route's
+    variable of the same name (each name once)."""
+    for env in ({"GREETING": "hi"}, {"GREETING": "hi", "REQUEST_METHOD": "FROM-ROUTE",
+                                     "HTTP_X_REQUEST_ID": "route"}):
+        route = WagiRoute(host, guests["edge_test"], route="/test", env=env)
+        try:
+            response = route.handle(WagiRequest(method="PUT", path="/test/echo",
+                                                headers=[("X-Request-Id", "7")]))
+            seen = echo(response.body.decode())
+            assert (seen["GREETING"], seen["REQUEST_METHOD"], seen["HTTP_X_REQUEST_ID"]) == (
+                "hi", "PUT", "7")
+            assert route._environ(WagiRequest(method="PUT", path="/test/echo"))[
+                "REQUEST_METHOD"] == "PUT"
+        finally:
+            route.close()
+
+
 def test_instances_made_ahead(host: Host, guests: dict[str, Path]) -> None:
     """Where the native path is built, a route keeps an instance made ahead for its next
     request: each request still gets a fresh one (its globals as the module starts them), its

@@ -253,10 +253,6 @@ class GuestMemory:
         """One copy from guest memory into a fresh array the guest can no longer touch."""
         return self.array(ptr, length, dtype).copy()
 
-    def copy_into(self, array: np.ndarray, ptr: int, length: int) -> None:
-        """One copy from guest memory into a C-contiguous host array of `length` bytes."""
-        ctypes.memmove(array.ctypes.data, self.check(ptr, length), length)
-
     def copy_out(self, ptr: int, array: np.ndarray) -> None:
         """One copy of a C-contiguous array into guest memory."""
         ctypes.memmove(self.check(ptr, array.nbytes), array.ctypes.data, array.nbytes)
@@ -391,12 +387,13 @@ class WitxAbi:
                                             mem.copy_in(data_ptr, data_len, tensor_type.dtype)))
             return 0
         fast = state.fast
-        if fast is not None:  # the buffer is replaced below
-            fast.drop_input(state.store_key, ctx, index)
+        if fast is not None and index in state.input_buffers.get(ctx, ()):
+            fast.drop_input(state.store_key, ctx, index)  # its buffer is replaced below
         # a buffer other than the current input's: if the backend refuses this tensor, the
         # input set before stays as it was
         data = state.buffer_pool.take(data_len, tensor_type.dtype)
-        mem.copy_into(data, data_ptr, data_len)
+        address = data.__array_interface__["data"][0]
+        ctypes.memmove(address, mem.check(data_ptr, data_len), data_len)
         try:
             context.set_input(index, Tensor(dims, tensor_type, data))
         except BaseException:
@@ -407,7 +404,7 @@ class WitxAbi:
             # the same call again (dims, type code, length) may now copy straight into `data`
             state.store_id = mem.store_id
             fast.put_input(state.store_key, mem.store_id, ctx, index, dims, type_code, data_len,
-                           data.__array_interface__["data"][0])
+                           address)
             if ctx not in state.armed and getattr(context, "outputs_in_place", False):
                 state.arm_outputs(ctx, context)
         return 0

@@ -199,6 +199,9 @@ class WagiRoute:
             self._reaper.prepare(self._native_wasi, max_output + _OVERFLOW_ROOM, _STDERR_ROOM,
                                  min(8, workers))
         self._argv = pack([self.module_path.name])
+        self._env_names = frozenset(self.env)
+        self._env_packed = pack([p for pair in self.env.items() for p in pair]) if self.env \
+            else b""
         self._dirs = pack([part for d in self.dirs for part in (str(d.host), d.guest)])
         # resolved now: a module importing what the host lacks fails at start-up, not per call
         self._pre = self._linker.instantiate_pre(self.module)
@@ -318,12 +321,10 @@ class WagiRoute:
         if native is None:  # turned off: the Python steps
             return None
         assert reaper is not None and self._ticker is not None
-        env = self._environ(request)
+        env, envc = self._packed_environ(request)
         body = request.body if isinstance(request.body, bytes) else bytes(request.body)
-        run = reaper.begin(native, self._argv, 1,
-                           pack([p for pair in env.items() for p in pair]), len(env), body,
-                           self._dirs, len(self.dirs), self.max_output + _OVERFLOW_ROOM,
-                           _STDERR_ROOM)
+        run = reaper.begin(native, self._argv, 1, env, envc, body, self._dirs, len(self.dirs),
+                           self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM)
         if run is None:
             return None
         key = run.context
@@ -442,10 +443,9 @@ class WagiRoute:
         native = self._native_wasi
         if native is None:
             return None
-        env = self._environ(request)
+        env, envc = self._packed_environ(request)
         body = request.body if isinstance(request.body, bytes) else bytes(request.body)
-        fds = native.set(store, self._argv, 1, pack([p for pair in env.items() for p in pair]),
-                         len(env), body, self._dirs, len(self.dirs),
+        fds = native.set(store, self._argv, 1, env, envc, body, self._dirs, len(self.dirs),
                          self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM, self._reaper)
         if fds is None:
             return None
@@ -467,6 +467,16 @@ class WagiRoute:
     def _environ(self, request: WagiRequest) -> dict[str, str]:
         """The guest's environment: the route's, then the request's CGI variables."""
         return {**self.env, **self.cgi_env(request)}
+
+    def _packed_environ(self, request: WagiRequest) -> tuple[bytes, int]:
+        """`_environ` packed for C (names and values alternate), and its count: the route's
+        part packed once, where no CGI variable replaces one of its names."""
+        cgi = self.cgi_env(request)
+        if self._env_names.isdisjoint(cgi):
+            return self._env_packed + pack([p for pair in cgi.items() for p in pair]), \
+                len(self.env) + len(cgi)
+        env = {**self.env, **cgi}
+        return pack([p for pair in env.items() for p in pair]), len(env)
 
     def cgi_env(self, request: WagiRequest) -> dict[str, str]:
         """The CGI/1.1 variables of `request` (WAGI's set): the route is SCRIPT_NAME, the
