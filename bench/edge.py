@@ -57,11 +57,11 @@ import numpy as np
 from _common import (CLASSIFIER, EXAMPLE_OUT, IMAGE, GUESTS_OUT, HttpConnection, Server,
                      build_guests, classifier_input, prepare_classifier, print_table)
 from wasinn.backends.onnx import OnnxGraph
-from wasinn.cli import ROUTE_WORKERS, SERVER_BACKENDS, route_slots
+from wasinn.cli import ROUTE_AHEAD, ROUTE_WORKERS, SERVER_BACKENDS, route_slots
 from wasinn.host import Host, Preopen
 from wasinn.preinit import preinitialize
 from wasinn.server import WagiRequest, WagiResponse, WagiRoute
-from wasinn.server._wagi import DEFAULT_AHEAD
+
 
 MODEL = "efficientnet-lite0"
 LABELS = EXAMPLE_OUT / "imagenet_labels.txt"
@@ -188,7 +188,7 @@ def latency_steps(args: argparse.Namespace, guest: Path, workdir: Path) -> list[
         linked_per_request = route(guest, reuse_linking=False)
         reused = route(guest)
         preinit = route(preinit_wasm)
-        ahead = route(preinit_wasm, ahead=DEFAULT_AHEAD)
+        ahead = route(preinit_wasm, ahead=ROUTE_AHEAD)
         plan: list[tuple[str, Callable[[], WagiResponse], WagiRoute | None]] = [
             ("1 cold: compile + link", fresh_route(cached=False), None),
             ("2 module cache + link", fresh_route(cached=True), None),

@@ -23,8 +23,8 @@ import httpx2 as httpx  # noqa: E402
 
 from loopback import LoopbackServer  # noqa: E402
 from wasinn import Host  # noqa: E402
-from wasinn.cli import (EXIT_USAGE, ROUTE_WORKERS, build_parser, main,  # noqa: E402
-                        merge_serve_config, route_slots)
+from wasinn.cli import (EXIT_USAGE, ROUTE_AHEAD, ROUTE_WORKERS, ConfigError,  # noqa: E402
+                        build_parser, main, merge_serve_config, route_slots)
 from wasinn.server import (WagiPool, WagiRequest, WagiResponse, WagiRoute,  # noqa: E402
                            create_app)
 from wasinn.server._wagi import parse_cgi  # noqa: E402
@@ -470,14 +470,20 @@ def test_route_options_and_config(tmp_path: Path) -> None:
     config.write_text('route = ["/classify=guests/edge_classify.wasm"]\n'
                       'route-dir = ["assets:/data"]\n'
                       'route-env = ["MODEL=efficientnet-lite0"]\n'
-                      'route-timeout = 5\nroute-max-memory = "64M"\nroute-workers = 2\n')
+                      'route-timeout = 5\nroute-max-memory = "64M"\nroute-workers = 2\n'
+                      'route-ahead = 0\n')
     args = merge_serve_config(build_parser().parse_args(
         ["serve", "--config", str(config), "--route", "/chat=chat.wasm", "--route-queue", "0"]))
     assert args.route == [f"/classify={tmp_path}/guests/edge_classify.wasm", "/chat=chat.wasm"]
     assert args.route_dir == [f"{tmp_path}/assets:/data"]
     assert args.route_env == ["MODEL=efficientnet-lite0"]
     assert (args.route_timeout, args.route_max_memory, args.route_workers,
-            args.route_queue) == (5.0, "64M", 2, 0)
+            args.route_queue, args.route_ahead) == (5.0, "64M", 2, 0, 0)
+    assert route_slots(2, 2, 0) == 6 and route_slots(2, 2, 1) == 8
+    default = merge_serve_config(build_parser().parse_args(["serve"]))
+    assert default.route_ahead == ROUTE_AHEAD
+    with pytest.raises(ConfigError, match="--route-ahead"):
+        merge_serve_config(build_parser().parse_args(["serve", "--route-ahead", "9"]))
 
 
 def test_bad_routes_get_a_clear_error(tiny: Path, guests: dict[str, Path],

@@ -160,6 +160,8 @@ SERVER_BACKENDS = {GraphEncoding.ONNX: {"spin_after_run": False}}
 UPSTREAM_KEY_ENV = "WASINN_UPSTREAM_API_KEY"
 ROUTE_TIMEOUT = 30.0
 ROUTE_WORKERS = 4
+#: instances each route makes ahead for its next requests (see WagiRoute)
+ROUTE_AHEAD = 1
 
 _DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -253,6 +255,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="cap on each route request's guest linear memory, e.g. 256M")
     serve.add_argument("--route-workers", type=int, metavar="N",
                        help=f"route requests running at once (default {ROUTE_WORKERS})")
+    serve.add_argument("--route-ahead", type=int, metavar="N",
+                       help=f"instances each route makes ahead, after its responses, for its "
+                            f"next requests; 0: each request makes its own (default "
+                            f"{ROUTE_AHEAD})")
     serve.add_argument("--route-queue", type=int, metavar="N",
                        help="route requests waiting for a worker; more are a 503 (default: "
                             "as many as the workers)")
@@ -324,7 +330,7 @@ _SERVE_VALUES: dict[str, type | tuple[type, ...]] = {
     "cache-ttl": (str, int, float), "cache-max-entries": int, "upstream": str,
     "upstream-timeout": (float, int), "upstream-key": str,
     "route-timeout": (float, int), "route-max-memory": (str, int), "route-workers": int,
-    "route-queue": int}
+    "route-queue": int, "route-ahead": int}
 _SERVE_LISTS = ("nn-preload", "route", "route-env", "route-dir")
 
 
@@ -406,18 +412,19 @@ def merge_serve_config(args: argparse.Namespace) -> argparse.Namespace:
     args.route_workers = ROUTE_WORKERS if args.route_workers is None else args.route_workers
     if args.route_workers < 1:
         raise ConfigError("--route-workers must be at least 1")
+    args.route_ahead = ROUTE_AHEAD if args.route_ahead is None else args.route_ahead
+    if not 0 <= args.route_ahead <= 8:
+        raise ConfigError("--route-ahead must be 0 to 8")
     if args.route_queue is not None and args.route_queue < 0:
         raise ConfigError("--route-queue cannot be negative")
     return args
 
 
-def route_slots(workers: int, routes: int = 1) -> int:
+def route_slots(workers: int, routes: int = 1, ahead: int = ROUTE_AHEAD) -> int:
     """Pooled instance slots for `routes` run by `workers`: each running request holds one,
     and so may each Store waiting to be dropped after its response (at most `workers`), and
     each instance a route made ahead."""
-    from .server._wagi import DEFAULT_AHEAD
-
-    return 2 * workers + 2 + routes * DEFAULT_AHEAD
+    return 2 * workers + 2 + routes * ahead
 
 
 def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
@@ -439,7 +446,8 @@ def edge_routes(args: argparse.Namespace, host: Host) -> tuple[list[Any], Any]:
             if not module.is_file():
                 raise ConfigError(f"--route {text}: no such module {module}")
             routes.append(WagiRoute(host, module, route=path, timeout=args.route_timeout,
-                                    max_memory=max_memory, env=env, dirs=dirs, pool=pool))
+                                    max_memory=max_memory, env=env, dirs=dirs, pool=pool,
+                                    ahead=args.route_ahead))
     except BaseException:
         pool.close()
         raise
@@ -521,7 +529,8 @@ def serve_main(args: argparse.Namespace) -> int:
         upstream = upstream_config(args)
         host = Host(threads=args.threads, module_cache=False, progress=ProgressPrinter(),
                     backend_options=SERVER_BACKENDS,
-                    instance_pool=route_slots(args.route_workers, len(args.route))
+                    instance_pool=route_slots(args.route_workers, len(args.route),
+                                              args.route_ahead)
                     if args.route else None)
     except ConfigError as e:
         print(f"wasinn: {e}", file=sys.stderr)
