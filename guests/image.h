@@ -326,16 +326,20 @@ IMG_HELPER size_t top_k(const float *logits, size_t n, size_t k, double *prob,
         prob[i] /= sum;
     if (k > n)
         k = n;
-    for (size_t r = 0; r < k; r++) {
-        size_t b = (size_t)-1;
-        for (size_t i = 0; i < n; i++) {
-            int taken = 0;
-            for (size_t q = 0; q < r; q++)
-                taken |= best[q] == i;
-            if (!taken && (b == (size_t)-1 || prob[i] > prob[b]))
-                b = i;
+    if (k == 0)
+        return 0;
+    /* one pass, the best so far kept in order: an equal one never passes an
+     * earlier one (ties: lowest index first) */
+    size_t have = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (have == k && !(prob[i] > prob[best[k - 1]]))
+            continue;
+        size_t at = have < k ? have++ : k - 1;
+        while (at > 0 && prob[i] > prob[best[at - 1]]) {
+            best[at] = best[at - 1];
+            at--;
         }
-        best[r] = b;
+        best[at] = i;
     }
     return k;
 }
