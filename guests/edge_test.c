@@ -5,6 +5,7 @@
  *   /echo      200 text/plain: the CGI variables the tests check, a counter
  *              of requests this instance served (always 1: each request
  *              gets a fresh instance), and the body
+ *   /cat       ?file=NAME: the file /data/NAME (404 without it)
  *   /status    404 with a body, set with a Status header
  *   /redirect  a Location header alone (302)
  *   /bad       no blank line after the headers' first line: malformed
@@ -42,6 +43,23 @@ int main(void) {
         size_t got;
         while ((got = fread(chunk, 1, sizeof chunk, stdin)) > 0)
             fwrite(chunk, 1, got, stdout);
+        return 0;
+    }
+    if (strcmp(path, "/cat") == 0) { /* a file of the preopened /data */
+        char name[64] = "", full[96];
+        cgi_query(getenv("QUERY_STRING"), "file", name, sizeof name);
+        snprintf(full, sizeof full, "/data/%s", name);
+        FILE *f = fopen(full, "rb");
+        if (!f) {
+            printf("Status: 404 Not Found\nContent-Type: text/plain\n\nno %s\n", full);
+            return 0;
+        }
+        printf("Content-Type: text/plain\n\n");
+        char chunk[4096];
+        size_t got;
+        while ((got = fread(chunk, 1, sizeof chunk, f)) > 0)
+            fwrite(chunk, 1, got, stdout);
+        fclose(f);
         return 0;
     }
     if (strcmp(path, "/status") == 0) {

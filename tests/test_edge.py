@@ -538,6 +538,40 @@ def test_wasi_set_in_c_falls_back_to_python(host: Host, guests: dict[str, Path],
         route.close()
 
 
+def test_a_directory_replaced_is_seen_by_the_next_request(host: Host, guests: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """Each request opens the route's preopened directories anew (not ahead, with the next
+    requests' output files): one renamed away and replaced, or deleted and made again, is
+    what the next request sees."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("one")
+    route = WagiRoute(host, guests["edge_test"], route="/test", dirs=[f"{data}:/data"])
+
+    def cat() -> bytes:
+        response = route.handle(WagiRequest(path="/test/cat", query="file=a.txt"))
+        route.settle()  # the next requests' configs are made before any change
+        assert response.status in (200, 404), response.body
+        return response.body
+
+    try:
+        route.settle()
+        assert cat() == b"one"
+        (data / "a.txt").write_text("one, changed")  # the same directory: seen as it is
+        assert cat() == b"one, changed"
+        data.rename(tmp_path / "old")
+        data.mkdir()
+        (data / "a.txt").write_text("two")
+        assert cat() == b"two"
+        assert cat() == b"two"
+        (data / "a.txt").unlink()
+        data.rmdir()
+        data.mkdir()
+        assert cat().startswith(b"no /data/a.txt")
+    finally:
+        route.close()
+
+
 _FILES_AHEAD = """
 import gc, json, os, sys
 from wasinn import Host
