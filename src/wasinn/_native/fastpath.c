@@ -578,6 +578,12 @@ typedef void (*store_delete_fn)(void *store);
 
 #define MAX_READY 8
 
+/* a Store handed over, and descriptors to close once it is deleted (-1: none) */
+typedef struct {
+    void *store;
+    int fds[2];
+} dropped;
+
 /* the C API functions that make a Store with an instance in it (fp_reaper_instances) */
 typedef struct {
     void *(*store_new)(void *engine, void *data, void *finalizer);
@@ -610,7 +616,7 @@ struct reaper {
     pthread_cond_t wake, idle;
     pthread_t thread;
     store_delete_fn store_delete;
-    void **queue;
+    dropped *queue;
     size_t cap, head, len;
     int busy, stop, started;
     /* configs made ahead: up to `want`, with files of these rooms; `failed`: the last try
@@ -641,7 +647,7 @@ reaper *fp_reaper_new(void *store_delete, size_t max_pending) {
     reaper *r = calloc(1, sizeof(reaper));
     if (r == NULL)
         return NULL;
-    r->queue = calloc(max_pending, sizeof(void *));
+    r->queue = calloc(max_pending, sizeof(dropped));
     if (r->queue == NULL) {
         free(r);
         return NULL;
@@ -704,12 +710,15 @@ static void *reaper_loop(void *arg) {
         while (r->len == 0 && !r->stop && !wants_config(r) && !wants_instance(r))
             pthread_cond_wait(&r->wake, &r->lock);
         if (r->len > 0) {
-            void *store = r->queue[r->head];
+            dropped item = r->queue[r->head];
             r->head = (r->head + 1) % r->cap;
             r->len--;
             r->busy = 1;
             pthread_mutex_unlock(&r->lock);
-            r->store_delete(store);
+            r->store_delete(item.store);
+            for (int i = 0; i < 2; i++) /* after the Store's own, often the files' last */
+                if (item.fds[i] >= 0)
+                    close(item.fds[i]);
             pthread_mutex_lock(&r->lock);
             r->instance_failed = 0; /* its instance slot, if pooled, is free again */
         } else if (!r->stop && wants_instance(r)) {
@@ -762,19 +771,22 @@ static void reaper_start(reaper *r) { /* under the lock */
 
 /* 1: the reaper will delete `store`; 0: it cannot take it (full, stopped, no thread): the
  * caller deletes it itself */
-int fp_reaper_drop(reaper *r, void *store) {
+static int reaper_drop(reaper *r, void *store, int fd_a, int fd_b) {
     int taken = 0;
     pthread_mutex_lock(&r->lock);
     reaper_start(r);
     if (r->started && !r->stop && r->len < r->cap) {
-        r->queue[(r->head + r->len) % r->cap] = store;
+        r->queue[(r->head + r->len) % r->cap] = (dropped){store, {fd_a, fd_b}};
         r->len++;
         taken = 1;
-        pthread_cond_signal(&r->wake);
     }
     pthread_mutex_unlock(&r->lock);
+    if (taken) /* after the unlock: the thread woken does not wait for the lock at once */
+        pthread_cond_signal(&r->wake);
     return taken;
 }
+
+int fp_reaper_drop(reaper *r, void *store) { return reaper_drop(r, store, -1, -1); }
 
 /* Make WASI configs ahead, `want` of them (at most MAX_READY), each with stdout and stderr
  * files of these rooms, made as fp_wasi_set makes them: the two files cost ~0.12 ms of a
@@ -1091,12 +1103,16 @@ void fp_route_run(reaper *r, ticker *tk, route_request *q, int64_t deadline_tick
 /* the Store to the reaper (deleted here if it is full), our output descriptors closed;
  * call after Python has forgotten the store's wasi-nn state and read the outputs */
 void fp_route_end(reaper *r, route_request *q) {
-    if (q->store != NULL && !fp_reaper_drop(r, q->store))
-        r->store_delete(q->store);
+    /* our descriptors of the output files go with the Store (closing the last one frees the
+     * file's pages: ~10 us) */
+    if (q->store == NULL || !reaper_drop(r, q->store, q->fds[0], q->fds[2])) {
+        if (q->store != NULL)
+            r->store_delete(q->store);
+        for (int i = 0; i < 4; i += 2)
+            if (q->fds[i] >= 0)
+                close(q->fds[i]);
+    }
     q->store = q->context = NULL;
-    for (int i = 0; i < 4; i += 2)
-        if (q->fds[i] >= 0)
-            close(q->fds[i]);
     for (int i = 0; i < 4; i++)
         q->fds[i] = -1;
 }
