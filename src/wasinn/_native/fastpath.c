@@ -900,9 +900,12 @@ void fp_reaper_close(reaper *r) {
 
 /*
  * The epoch ticker: advances an engine's epoch every `tick` while any guest runs under a
- * deadline, and sleeps otherwise. In Python, its thread took the GIL at each tick and as each
- * request started (about 0.08 ms a request on the edge route).
+ * deadline, and for LINGER_TICKS more after the last, then sleeps. In Python, its thread took
+ * the GIL at each tick and as each request started (about 0.08 ms a request on the edge
+ * route); waking the sleeping thread cost a request ~30 us (a 2-core VM), so requests that
+ * come one after another find it ticking.
  */
+#define LINGER_TICKS 50
 typedef void (*increment_epoch_fn)(void *engine);
 
 typedef struct {
@@ -913,6 +916,7 @@ typedef struct {
     void *engine;
     struct timespec tick;
     int active, stop, started;
+    int sleeping, linger; /* waiting for a guest; ticks left with none */
 } ticker;
 
 ticker *fp_ticker_new(void *increment, void *engine, long tick_us) {
@@ -934,8 +938,14 @@ static void *ticker_loop(void *arg) {
     ticker *t = arg;
     pthread_mutex_lock(&t->lock);
     while (!t->stop) {
-        if (t->active == 0) {
+        if (t->active > 0) {
+            t->linger = LINGER_TICKS;
+        } else if (t->linger > 0) {
+            t->linger--;
+        } else {
+            t->sleeping = 1;
             pthread_cond_wait(&t->wake, &t->lock);
+            t->sleeping = 0;
             continue;
         }
         pthread_mutex_unlock(&t->lock);
@@ -953,12 +963,14 @@ int fp_ticker_enter(ticker *t) {
     pthread_mutex_lock(&t->lock);
     if (!t->started && !t->stop && pthread_create(&t->thread, NULL, ticker_loop, t) == 0)
         t->started = 1;
-    if (!t->started || t->stop) {
+    bool wake = false;
+    if (!t->started || t->stop)
         ok = 0; /* not counted: the caller ticks some other way */
-    } else if (++t->active == 1) {
-        pthread_cond_signal(&t->wake);
-    }
+    else
+        wake = ++t->active == 1 && t->sleeping;
     pthread_mutex_unlock(&t->lock);
+    if (wake) /* after the unlock: the thread woken does not wait for the lock at once */
+        pthread_cond_signal(&t->wake);
     return ok;
 }
 
