@@ -10,8 +10,9 @@ Part 1, per-request latency in process (`WagiRoute.handle`: a new Store, WASI wi
 on stdin, instantiate, `_start`, parse the CGI answer), for each way to start an instance, on
 a Host made as `wasinn serve --route` makes it (pooled instance slots, onnxruntime's threads
 idle between runs). After each request the bench waits, untimed, for the route's Store to be
-deleted and the next request's output files made (both after the response, on the route's
-own thread), so that neither runs inside the next timing:
+deleted and the next request's output files (and, in step 6, Store and instance) made (all
+after the response, on the route's own thread), so that none runs inside the next timing
+(over HTTP, part 2, that work runs beside the next request, on the other core):
 
 1. cold: the module compiled for every request (no module cache), then linked;
 2. module cache: the compiled module read back from the on-disk cache for every request

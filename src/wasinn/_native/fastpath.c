@@ -769,6 +769,16 @@ static void reaper_start(reaper *r) { /* under the lock */
         r->started = 1;
 }
 
+/* after a setting changed (under the lock, which this releases): the thread started and
+ * woken to make what is now wanted; whether it runs */
+static int reaper_configured(reaper *r) {
+    reaper_start(r);
+    pthread_cond_signal(&r->wake);
+    int ok = r->started;
+    pthread_mutex_unlock(&r->lock);
+    return ok;
+}
+
 /* 1: the reaper will delete `store`; 0: it cannot take it (full, stopped, no thread): the
  * caller deletes it itself */
 static int reaper_drop(reaper *r, void *store, int fd_a, int fd_b) {
@@ -801,11 +811,7 @@ int fp_reaper_prepare(reaper *r, const wasi_api *api, int64_t stdout_room,
     r->stdout_room = stdout_room;
     r->stderr_room = stderr_room;
     r->want = want;
-    reaper_start(r);
-    pthread_cond_signal(&r->wake);
-    int ok = r->started;
-    pthread_mutex_unlock(&r->lock);
-    return ok;
+    return reaper_configured(r);
 }
 
 /* a config made ahead (1), or none (0) */
@@ -850,11 +856,7 @@ int fp_reaper_instances(reaper *r, void *const *funcs, size_t n, void *engine, c
     r->extern_size = extern_size;
     r->extern_of = extern_of;
     r->func_kind = func_kind;
-    reaper_start(r);
-    pthread_cond_signal(&r->wake);
-    int ok = r->started;
-    pthread_mutex_unlock(&r->lock);
-    return ok;
+    return reaper_configured(r);
 }
 
 /* wait until every store handed over is deleted, and the configs and instances wanted are
