@@ -118,7 +118,6 @@ def tensor_type_candidates(code: int) -> tuple[TensorType, ...]:
 
 
 @functools.lru_cache(maxsize=1024)  # a guest sets the same kind of tensor again and again
-@functools.lru_cache(maxsize=256)  # a guest sets the same tensor again and again
 def resolve_tensor_type(code: int, dims: tuple[int, ...], data_len: int,
                         expected: np.dtype | None = None) -> TensorType:
     """Tell the two numberings apart by the dtype the graph expects and the byte length.

@@ -321,10 +321,7 @@ class WagiRoute:
         if native is None:  # turned off: the Python steps
             return None
         assert reaper is not None and self._ticker is not None
-        env, envc = self._packed_environ(request)
-        body = request.body if isinstance(request.body, bytes) else bytes(request.body)
-        run = reaper.begin(native, self._argv, 1, env, envc, body, self._dirs, len(self.dirs),
-                           self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM)
+        run = reaper.begin(native, *self._native_wasi_args(request))
         if run is None:
             return None
         key = run.context
@@ -443,10 +440,7 @@ class WagiRoute:
         native = self._native_wasi
         if native is None:
             return None
-        env, envc = self._packed_environ(request)
-        body = request.body if isinstance(request.body, bytes) else bytes(request.body)
-        fds = native.set(store, self._argv, 1, env, envc, body, self._dirs, len(self.dirs),
-                         self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM, self._reaper)
+        fds = native.set(store, *self._native_wasi_args(request), self._reaper)
         if fds is None:
             return None
         return (_FileCapture.adopt(fds[0], fds[1], self.max_output, False, native),
@@ -463,6 +457,16 @@ class WagiRoute:
         for preopen in self.dirs:
             wasi.preopen_dir(str(preopen.host), preopen.guest)
         return wasi
+
+    def _native_wasi_args(self, request: WagiRequest
+                          ) -> tuple[bytes, int, bytes, int, bytes, bytes, int, int, int]:
+        """What `NativeWasi.set` and `Reaper.begin` take after the store: argv, the
+        environment, stdin, the preopened directories (each packed, with its count) and the
+        rooms of the output files."""
+        env, envc = self._packed_environ(request)
+        body = request.body if isinstance(request.body, bytes) else bytes(request.body)
+        return (self._argv, 1, env, envc, body, self._dirs, len(self.dirs),
+                self.max_output + _OVERFLOW_ROOM, _STDERR_ROOM)
 
     def _environ(self, request: WagiRequest) -> dict[str, str]:
         """The guest's environment: the route's, then the request's CGI variables."""
