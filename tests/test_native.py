@@ -271,3 +271,167 @@ def test_deadlines_tick_in_c_or_python(guests, native):
         route.close()
         host.close()
     assert host._ticker._native is None  # closed with the host
+
+
+# --- contexts kept ready between stores ------------------------------------------------------
+
+@pytest.fixture
+def own_host(onnx_models):
+    """A host of its own: its pool of ready contexts starts empty."""
+    h = Host(models=[f"{name}:onnx:cpu:{path}" for name, path in onnx_models.items()],
+             module_cache=False)
+    yield h
+    h.close()
+
+
+def finished(host: Host, module: wasmtime.Module, x: np.ndarray, y: np.ndarray) -> None:
+    """A store that computes x + y once and goes: its context is kept ready."""
+    e = Exerciser(host, module)
+    assert np.array_equal(add_round(e, add_context(e), x, y), x + y)
+    del e
+    gc.collect()
+
+
+def test_a_later_store_takes_the_ready_context_in_c(own_host, guests):
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    finished(own_host, module, x, y)
+    e = Exerciser(own_host, module)
+    errno, graph = e.load_by_name("add")
+    assert errno == SUCCESS
+    hits, misses, _ = fast(own_host).stats()
+    errno, ctx = e.init(graph)
+    assert (errno, ctx) == (SUCCESS, 0)
+    assert e.set_input(ctx, 0, F32, x * 2) == SUCCESS
+    assert e.set_input(ctx, 1, F32, y) == SUCCESS
+    assert fast(own_host).stats()[:2] == (hits + 3, misses)  # init and both inputs in C
+    assert e.raw("compute", ctx) == SUCCESS
+    errno, data, _ = e.get_output(ctx, 0, x.nbytes)
+    assert errno == SUCCESS and data == (x * 2 + y).tobytes()
+    assert fast(own_host).stats()[:2] == (hits + 4, misses)  # and get_output
+    # a second context of the same store is Python's, with the next handle
+    errno, second = e.init(graph)
+    assert (errno, second) == (SUCCESS, 1)
+    assert np.array_equal(add_round(e, second, x, y * 3), x + y * 3)
+    assert np.array_equal(add_round(e, ctx, x, y), x + y)  # the first still answers
+
+
+def test_a_ready_context_shows_nothing_of_the_store_before(own_host, guests):
+    """Claimed in C, the context answers as a new one: no output before it computes, no
+    compute before every input is set, whatever the last store left in its arrays."""
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, z = add_inputs()
+    finished(own_host, module, x, y)
+    e = Exerciser(own_host, module)
+    hits = fast(own_host).stats()[0]
+    ctx = add_context(e)
+    assert fast(own_host).stats()[0] == hits + 1  # claimed in C
+    errno, _, _ = e.get_output(ctx, 0, z.nbytes)
+    assert errno != SUCCESS
+    assert e.raw("compute", ctx) == Errno.INVALID_ARGUMENT
+    assert "before every input is set" in e.last_error
+    assert np.array_equal(add_round(e, ctx, x * 5, y), x * 5 + y)
+
+
+def test_a_ready_context_with_its_inputs_set_has_no_output_yet(own_host, guests):
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, z = add_inputs()
+    finished(own_host, module, x, y)
+    e = Exerciser(own_host, module)
+    ctx = add_context(e)
+    assert e.set_input(ctx, 0, F32, x) == SUCCESS
+    assert e.set_input(ctx, 1, F32, y) == SUCCESS  # both in C: the context is taken as it is
+    errno, _, _ = e.get_output(ctx, 0, z.nbytes)
+    assert errno != SUCCESS  # the last store's z, identical, must not be served yet
+    assert e.raw("compute", ctx) == SUCCESS
+    errno, data, _ = e.get_output(ctx, 0, z.nbytes)
+    assert errno == SUCCESS and data == z.tobytes()
+
+
+def test_a_ready_context_with_one_input_set(own_host, guests):
+    """Only the inputs this guest set count: the other one is missing, not the last store's."""
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    finished(own_host, module, x, y)
+    e = Exerciser(own_host, module)
+    ctx = add_context(e)
+    assert e.set_input(ctx, 0, F32, x * 7) == SUCCESS  # served in C
+    assert e.raw("compute", ctx) == Errno.INVALID_ARGUMENT
+    assert "missing" in e.last_error
+    assert e.set_input(ctx, 1, F32, y) == SUCCESS
+    assert e.raw("compute", ctx) == SUCCESS
+    errno, data, _ = e.get_output(ctx, 0, x.nbytes)
+    assert errno == SUCCESS and data == (x * 7 + y).tobytes()  # input 0 as set in C
+
+
+def test_a_ready_context_refusing_a_new_shape(own_host, guests):
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    finished(own_host, module, x, y)
+    e = Exerciser(own_host, module)
+    ctx = add_context(e)
+    assert e.set_input(ctx, 0, F32, x.reshape(3, 2)) == Errno.INVALID_ARGUMENT
+    assert "dims" in e.last_error
+    assert np.array_equal(add_round(e, ctx, x, y * 2), x + y * 2)
+
+
+def test_an_unclaimed_ready_context_goes_back(own_host, guests):
+    """A store that loads the graph but makes no context of it (or of another graph first)
+    leaves the ready context for the next store."""
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    finished(own_host, module, x, y)
+    e = Exerciser(own_host, module)
+    assert e.load_by_name("add")[0] == SUCCESS
+    errno, other = e.load_by_name("two_outputs")
+    assert errno == SUCCESS
+    errno, ctx = e.init(other)  # not the reserved graph: Python, handle 0
+    assert (errno, ctx) == (SUCCESS, 0)
+    del e
+    gc.collect()
+    e = Exerciser(own_host, module)
+    errno, graph = e.load_by_name("add")
+    hits = fast(own_host).stats()[0]
+    assert e.init(graph) == (SUCCESS, 0)
+    assert fast(own_host).stats()[0] == hits + 1  # claimed in C
+    assert np.array_equal(add_round(e, 0, x, y * 4), x + y * 4)
+
+
+def test_a_finalized_context_is_kept_ready(own_host, guests):
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    e = Exerciser(own_host, module)
+    ctx = add_context(e)
+    add_round(e, ctx, x, y)
+    assert e.raw("finalize_execution_context", ctx) == SUCCESS
+    assert e.set_input(ctx, 0, F32, x) == Errno.INVALID_ARGUMENT  # gone for this store
+    other = Exerciser(own_host, module)
+    errno, graph = other.load_by_name("add")
+    hits = fast(own_host).stats()[0]
+    assert other.init(graph) == (SUCCESS, 0)
+    assert fast(own_host).stats()[0] == hits + 1
+    assert np.array_equal(add_round(other, 0, x * 3, y), x * 3 + y)
+
+
+def test_stores_one_after_another_on_threads_do_not_mix(own_host, guests):
+    """Threads each run new stores one after another, claiming each other's ready contexts."""
+    module = own_host.compile(guests["abi_exerciser"])
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        x, y, _ = add_inputs()
+        for i in range(8):
+            e = Exerciser(own_host, module)
+            got = add_round(e, add_context(e), x + k, y * i)
+            if not np.array_equal(got, (x + k) + (y * i)):
+                errors.append(f"thread {k} store {i}")
+            del e
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert errors == []
+    assert fast(own_host).stats()[2] == 0  # every store's registrations went with it

@@ -17,7 +17,7 @@ import wasmtime
 from wasmtime import _bindings as _ffi
 
 from .abi import Limits, NnState, WitxAbi
-from .abi.witx import BufferPool
+from .abi.witx import BufferPool, ReadyContexts
 from ._native import FastPath, Ticker
 from .abi._raw import store_key
 from .backends import Backends
@@ -102,6 +102,7 @@ class Host:
         self._states: dict[int, NnState] = {}
         self._abi = WitxAbi(self._states.get)
         self._buffers = BufferPool()
+        self._ready = ReadyContexts(self._buffers)
         # a guest's repeated set_input / get_output served in C when zig can build it; made
         # with the first Linker or Store, so a Host that runs no guest never builds it
         self._native: bool | None = native
@@ -161,9 +162,10 @@ class Host:
         `_forget` it before that store goes."""
         self._start_native()
         state = NnState(self.registry, self.backends, self.limits, fast=self._abi.fast,
-                        store_key=key, buffer_pool=self._buffers)
+                        store_key=key, buffer_pool=self._buffers, ready_contexts=self._ready)
         if preinit is not None:
             _bind_preinit(state, preinit)
+            state.reserve()
         self._states[key] = state
         return state
 
@@ -264,6 +266,7 @@ class Host:
 
     def close(self) -> None:
         self._ticker.stop()
+        self._ready.clear()
         self.registry.close()
 
 

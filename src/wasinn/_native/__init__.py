@@ -32,8 +32,40 @@ _u32, _u64, _i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _c, _c, _c, ctypes.c_size_t)
 _KIND_INPUT, _KIND_OUTPUT = 1, 2
 #: the functions with a handler of their own in fastpath.c, by witx name (the rest: fp_call):
-#: set_input and get_output served there when they can be, compute marking outputs computed
-SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output", "compute": "fp_compute"}
+#: set_input, get_output and init_execution_context (claiming a reserved ready context)
+#: served there when they can be, compute marking outputs computed
+SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output", "compute": "fp_compute",
+          "init_execution_context": "fp_init_execution_context"}
+_MAX_DIMS = 32
+
+
+class ReadyInput(ctypes.Structure):
+    """fastpath.c's ready_input: one input of a ready context, as its registration."""
+
+    _fields_ = [("index", _u32), ("type", _u32), ("len", _u32), ("dims_len", _u32),
+                ("dims", _u32 * _MAX_DIMS), ("host", _c)]
+
+
+class ReadyOutput(ctypes.Structure):
+    _fields_ = [("index", _u32), ("len", _u32), ("host", _c)]
+
+
+class ReadySpec:
+    """The registrations of a ready context, laid out once for every reservation of it."""
+
+    __slots__ = ("inputs", "outputs")
+
+    def __init__(self, inputs: Sequence[tuple[int, Sequence[int], int, int, int]],
+                 outputs: Sequence[tuple[int, int, int]]) -> None:
+        """inputs: (index, dims, type code, bytes, address); outputs: (index, bytes, address)."""
+        self.inputs = (ReadyInput * len(inputs))()
+        for slot, (index, dims, type_code, nbytes, host) in zip(self.inputs, inputs):
+            if len(dims) > _MAX_DIMS:
+                raise ValueError(f"more than {_MAX_DIMS} dims")
+            slot.index, slot.type, slot.len, slot.dims_len = index, type_code, nbytes, len(dims)
+            slot.dims[:len(dims)] = dims
+            slot.host = host
+        self.outputs = (ReadyOutput * len(outputs))(*outputs)
 #: how fastpath.c calls a Python handler: (caller, store context, 8 x u32) -> errno
 HANDLER = ctypes.CFUNCTYPE(ctypes.c_int32, _c, _c, *([_u32] * 8))
 
@@ -81,6 +113,10 @@ def _load_library() -> ctypes.CDLL | None:
     lib.fp_put_output.restype = ctypes.c_int
     lib.fp_put_output.argtypes = [_c, _u64, _u64, _u32, _u32, _u32, _c, _u32]
     lib.fp_drop.argtypes = [_c, _u64, _i64, _u32, _i64]
+    lib.fp_reserve.restype = ctypes.c_int
+    lib.fp_reserve.argtypes = [_c, _u64, _u32, _c, ctypes.c_size_t, _c, ctypes.c_size_t]
+    lib.fp_settle.restype = ctypes.c_int
+    lib.fp_settle.argtypes = [_c, _u64, ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
     lib.fp_stats.argtypes = [_c, ctypes.POINTER(_u64), ctypes.POINTER(_u64), ctypes.POINTER(_u64)]
     lib.fp_ticker_new.restype = _c
     lib.fp_ticker_new.argtypes = [_c, _c, ctypes.c_long]
@@ -136,6 +172,8 @@ class FastPath:
         self._put_input = lib.fp_put_input
         self._put_output = lib.fp_put_output
         self._drop = lib.fp_drop
+        self._reserve = lib.fp_reserve
+        self._settle = lib.fp_settle
 
     @classmethod
     def create(cls) -> FastPath | None:
@@ -190,6 +228,19 @@ class FastPath:
 
     def drop_store(self, store: int) -> None:
         self._drop(self._table, store, -1, 0, -1)
+
+    def reserve(self, store: int, graph: int, spec: ReadySpec) -> bool:
+        """The store's first init_execution_context of graph handle `graph` may be served in
+        C as context 0, with `spec`'s registrations (pending until then). False if no room."""
+        return bool(self._reserve(self._table, store, graph, spec.inputs, len(spec.inputs),
+                                  spec.outputs, len(spec.outputs)))
+
+    def settle(self, store: int) -> tuple[int, int, int]:
+        """(1 claimed / 0 not, its registrations dropped / -1 none, the store's id, a bit
+        per input index the guest has set since)."""
+        store_id, mask = _u64(), _u64()
+        state = self._settle(self._table, store, ctypes.byref(store_id), ctypes.byref(mask))
+        return state, store_id.value, mask.value
 
     def stats(self) -> tuple[int, int, int]:
         """(calls served in C, calls passed to Python, registrations held now)."""

@@ -11,6 +11,12 @@
  *     alive until the next compute). An output whose arrays every compute rewrites is
  *     registered at the context's first set_input, armed: served only once fp_compute has
  *     seen that context compute.
+ *   - init_execution_context: a store's first context may be one made for an earlier store
+ *     and kept ready (Python's ReadyContext), reserved with its inputs' and outputs'
+ *     registrations, pending: the first init of the reserved graph claims it here (handle 0)
+ *     and the registrations start being served; an input only counts as set once served.
+ *     Python settles the reservation at its next call for that store: it adopts the
+ *     context, or, unclaimed, drops it.
  * A call that matches a registration exactly, with every pointer inside guest memory, is served
  * here; anything else (a new shape, a bad handle, a buffer too small, an unknown store) goes to
  * the Python handler, which answers errnos and messages. So this file only copies bytes between
@@ -39,6 +45,7 @@
 #define MAX_ENTRIES 256
 #define KIND_INPUT 1
 #define KIND_OUTPUT 2
+#define KIND_RESERVED 3 /* a ready context for (store, ctx 0), of the graph `index` */
 
 /* wasmtime's C API, reached through pointers Python hands over (no header, no link step) */
 typedef void *(*caller_context_fn)(void *caller);
@@ -56,7 +63,10 @@ typedef struct {
     uint64_t store_id; /* wasmtime's id of that store: never reused, unlike an address */
     uint32_t ctx, index, kind;
     uint32_t dims_len, type, len;
-    uint32_t computed; /* output: its context has computed since (else never served) */
+    uint32_t computed; /* output: its context has computed since (else never served);
+                        * reserved: claimed */
+    uint32_t pending;  /* part of a reservation not claimed yet: never served */
+    uint32_t set;      /* input: the guest has set it (a pending one: not yet) */
     uint32_t dims[MAX_DIMS];
     uint8_t *host;   /* input: where the bytes go; output: where they come from */
 } entry;
@@ -165,6 +175,8 @@ static int put(table *t, uint64_t store, uint64_t store_id, uint32_t ctx, uint32
         e->len = len;
         e->host = host;
         e->computed = computed;
+        e->pending = 0;
+        e->set = 1;
     }
     unlock(t);
     return e != NULL;
@@ -194,6 +206,93 @@ void fp_drop(table *t, uint64_t store, int64_t ctx, uint32_t kind, int64_t index
             memset(e, 0, sizeof(entry));
     }
     unlock(t);
+}
+
+/* what a ready context's registrations take, as Python's ReadyContext lays them out */
+typedef struct {
+    uint32_t index, type, len, dims_len;
+    uint32_t dims[MAX_DIMS];
+    uint8_t *host;
+} ready_input;
+
+typedef struct {
+    uint32_t index, len;
+    uint8_t *host;
+} ready_output;
+
+/* Reserve a ready context for the store's first init_execution_context of `graph`: its
+ * inputs and outputs registered for context 0, pending until claimed. 0 if the table has
+ * no room (nothing is registered then). */
+int fp_reserve(table *t, uint64_t store, uint32_t graph, const ready_input *in, size_t n_in,
+               const ready_output *out, size_t n_out) {
+    if (store == 0 || n_in + n_out + 1 > MAX_ENTRIES)
+        return 0;
+    for (size_t i = 0; i < n_in; i++)
+        if (in[i].dims_len > MAX_DIMS)
+            return 0;
+    entry *slots[MAX_ENTRIES];
+    size_t need = n_in + n_out + 1, found = 0;
+    lock(t);
+    for (size_t i = 0; i < MAX_ENTRIES && found < need; i++)
+        if (t->entries[i].store == 0)
+            slots[found++] = &t->entries[i];
+    if (found == need) {
+        for (size_t i = 0; i < need; i++) {
+            entry *e = slots[i];
+            memset(e, 0, sizeof(entry));
+            e->store = store;
+            e->pending = 1;
+            if (i < n_in) {
+                const ready_input *r = &in[i];
+                e->kind = KIND_INPUT;
+                e->index = r->index;
+                e->type = r->type;
+                e->len = r->len;
+                e->dims_len = r->dims_len;
+                memcpy(e->dims, r->dims, r->dims_len * sizeof(uint32_t));
+                e->host = r->host;
+            } else if (i < n_in + n_out) {
+                const ready_output *r = &out[i - n_in];
+                e->kind = KIND_OUTPUT;
+                e->index = r->index;
+                e->len = r->len;
+                e->host = r->host;
+            } else {
+                e->kind = KIND_RESERVED;
+                e->index = graph;
+            }
+        }
+    }
+    unlock(t);
+    return found == need;
+}
+
+/* Python's next call for a reserving store: 1 if the reservation was claimed (with the
+ * store's id and a bit per input index < 64 the guest has set), 0 if not (its registrations
+ * are dropped: the store has no others yet), -1 if there was none. */
+int fp_settle(table *t, uint64_t store, uint64_t *store_id, uint64_t *set_mask) {
+    int state = -1;
+    *store_id = 0;
+    *set_mask = 0;
+    lock(t);
+    for (size_t i = 0; i < MAX_ENTRIES; i++) {
+        entry *e = &t->entries[i];
+        if (e->store == store && e->kind == KIND_RESERVED) {
+            state = e->computed ? 1 : 0;
+            *store_id = e->store_id;
+        }
+    }
+    for (size_t i = 0; i < MAX_ENTRIES && state >= 0; i++) {
+        entry *e = &t->entries[i];
+        if (e->store != store)
+            continue;
+        if (state == 0 || e->kind == KIND_RESERVED)
+            memset(e, 0, sizeof(entry));
+        else if (e->kind == KIND_INPUT && e->ctx == 0 && e->set && e->index < 64)
+            *set_mask |= (uint64_t)1 << e->index;
+    }
+    unlock(t);
+    return state;
 }
 
 void fp_stats(table *t, uint64_t *hits, uint64_t *misses, uint64_t *entries) {
@@ -310,11 +409,45 @@ void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_INPUT);
-    if (e != NULL && e->store_id == m.store_id && e->dims_len == dims_len && e->type == type &&
-        e->len == data_len &&
+    if (e != NULL && !e->pending && e->store_id == m.store_id && e->dims_len == dims_len &&
+        e->type == type && e->len == data_len &&
         memcmp(e->dims, m.base + dims_ptr, (size_t)dims_len * 4) == 0) {
         /* under the lock: Python drops the entry (taking the lock) before the buffer goes */
         memcpy(e->host, m.base + data_ptr, data_len);
+        e->set = 1;
+        served = true;
+    }
+    unlock(t);
+    return served ? hit(t, args) : miss(f, caller, context, args, nargs);
+}
+
+/* init_execution_context(graph, ctx_out) -> errno: a reserved ready context claimed as
+ * handle 0 (the store's first context: Python settles the reservation before any call of
+ * its own), its pending registrations now served, with this store's id */
+void *fp_init_execution_context(void *env, void *caller, void *args, size_t nargs) {
+    func_env *f = env;
+    table *t = f->t;
+    void *context = t->caller_context(caller);
+    if (nargs < 2)
+        return miss(f, caller, context, args, nargs);
+    uint32_t graph = arg(args, 0), ctx_out = arg(args, 1);
+    memory m;
+    if (context == NULL || !caller_memory(t, caller, context, &m) || !inside(&m, ctx_out, 4))
+        return miss(f, caller, context, args, nargs);
+    uint64_t store = (uint64_t)(uintptr_t)context;
+    bool served = false;
+    lock(t);
+    entry *r = find(t, store, 0, graph, KIND_RESERVED);
+    if (r != NULL && !r->computed) {
+        for (size_t i = 0; i < MAX_ENTRIES; i++) {
+            entry *e = &t->entries[i];
+            if (e->store == store && e->pending) {
+                e->pending = 0;
+                e->store_id = m.store_id;
+            }
+        }
+        r->computed = 1;
+        memset(m.base + ctx_out, 0, 4); /* handle 0 */
         served = true;
     }
     unlock(t);
@@ -336,7 +469,8 @@ void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_OUTPUT);
-    if (e != NULL && e->store_id == m.store_id && e->computed && e->len <= out_max &&
+    if (e != NULL && !e->pending && e->store_id == m.store_id && e->computed &&
+        e->len <= out_max &&
         inside(&m, out_ptr, e->len)) {
         memcpy(m.base + out_ptr, e->host, e->len);
         memcpy(m.base + written_ptr, &e->len, 4);

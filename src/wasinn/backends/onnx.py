@@ -237,6 +237,12 @@ class OnnxContext(NotStreaming):
     def get_output(self, index: int) -> np.ndarray:
         return output_at(self._outputs, index)
 
+    def recycle(self) -> None:
+        """Kept for another guest (wasinn's ReadyContext): what it computed is forgotten; its
+        inputs stay bound to the same arrays, which the next guest's set_input rewrites in
+        place before the ABI lets it compute, and its outputs are rewritten by that compute."""
+        self._outputs = None
+
     def close(self) -> None:
         """The outputs handed out may be rewritten from now on (another context computes
         into them): read them before closing."""
