@@ -104,7 +104,8 @@ class ReadyContexts:
         self._buffers = buffers
         self._keep = keep
         self._ready: dict[int, list[ReadyContext]] = {}  # by id(graph): each holds its graph
-        self._lock = threading.Lock()
+        # reentrant: a Store's finalizer, run by the collector inside a locked step, gives back
+        self._lock = threading.RLock()
 
     def take(self, graph: Graph) -> ReadyContext | None:
         with self._lock:
