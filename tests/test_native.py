@@ -397,6 +397,25 @@ def test_an_unclaimed_ready_context_goes_back(own_host, guests):
     assert np.array_equal(add_round(e, 0, x, y * 4), x + y * 4)
 
 
+def test_a_context_claimed_and_left_is_kept_ready_again(own_host, guests):
+    """A guest that claims the context in C and ends before any call reaches Python."""
+    module = own_host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    finished(own_host, module, x, y)
+    for k in (2, 3):
+        e = Exerciser(own_host, module)
+        errno, graph = e.load_by_name("add")
+        hits = fast(own_host).stats()[0]
+        assert e.init(graph) == (SUCCESS, 0)
+        assert e.set_input(0, 0, F32, x * k) == SUCCESS
+        assert fast(own_host).stats()[0] == hits + 2  # both in C
+        del e
+        gc.collect()
+    assert fast(own_host).stats()[2] == 0
+    e = Exerciser(own_host, module)
+    assert np.array_equal(add_round(e, add_context(e), x, y * 5), x + y * 5)
+
+
 def test_a_finalized_context_is_kept_ready(own_host, guests):
     module = own_host.compile(guests["abi_exerciser"])
     x, y, _ = add_inputs()

@@ -306,7 +306,11 @@ class NnState:
         # an input the ready context was fed was not set by this guest (C counts only what it
         # served): a fresh context, given only the inputs this guest set
         self.fast.drop_context(self.store_key, 0)
-        context = ready.graph.init_execution_context(None)
+        try:
+            context = ready.graph.init_execution_context(None)
+        except BaseException:
+            ready.close(self.buffer_pool)
+            raise
         self.contexts[0] = (context, ready.graph)
         ready.context.close()
         for index, (array, dims, type_code, tensor_type) in ready.inputs.items():
