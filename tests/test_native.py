@@ -292,6 +292,18 @@ def finished(host: Host, module: wasmtime.Module, x: np.ndarray, y: np.ndarray) 
     gc.collect()
 
 
+def after_a_store(host: Host, guests) -> tuple[Exerciser, int]:
+    """A store whose context of `add` is claimed in C, from one that computed x + y."""
+    module = host.compile(guests["abi_exerciser"])
+    x, y, _ = add_inputs()
+    finished(host, module, x, y)
+    e = Exerciser(host, module)
+    hits = fast(host).stats()[0]
+    ctx = add_context(e)
+    assert fast(host).stats()[0] == hits + 1  # claimed in C
+    return e, ctx
+
+
 def test_a_later_store_takes_the_ready_context_in_c(own_host, guests):
     module = own_host.compile(guests["abi_exerciser"])
     x, y, _ = add_inputs()
@@ -319,13 +331,8 @@ def test_a_later_store_takes_the_ready_context_in_c(own_host, guests):
 def test_a_ready_context_shows_nothing_of_the_store_before(own_host, guests):
     """Claimed in C, the context answers as a new one: no output before it computes, no
     compute before every input is set, whatever the last store left in its arrays."""
-    module = own_host.compile(guests["abi_exerciser"])
+    e, ctx = after_a_store(own_host, guests)
     x, y, z = add_inputs()
-    finished(own_host, module, x, y)
-    e = Exerciser(own_host, module)
-    hits = fast(own_host).stats()[0]
-    ctx = add_context(e)
-    assert fast(own_host).stats()[0] == hits + 1  # claimed in C
     errno, _, _ = e.get_output(ctx, 0, z.nbytes)
     assert errno != SUCCESS
     assert e.raw("compute", ctx) == Errno.INVALID_ARGUMENT
@@ -334,11 +341,8 @@ def test_a_ready_context_shows_nothing_of_the_store_before(own_host, guests):
 
 
 def test_a_ready_context_with_its_inputs_set_has_no_output_yet(own_host, guests):
-    module = own_host.compile(guests["abi_exerciser"])
+    e, ctx = after_a_store(own_host, guests)
     x, y, z = add_inputs()
-    finished(own_host, module, x, y)
-    e = Exerciser(own_host, module)
-    ctx = add_context(e)
     assert e.set_input(ctx, 0, F32, x) == SUCCESS
     assert e.set_input(ctx, 1, F32, y) == SUCCESS  # both in C: the context is taken as it is
     errno, _, _ = e.get_output(ctx, 0, z.nbytes)
@@ -350,11 +354,8 @@ def test_a_ready_context_with_its_inputs_set_has_no_output_yet(own_host, guests)
 
 def test_a_ready_context_with_one_input_set(own_host, guests):
     """Only the inputs this guest set count: the other one is missing, not the last store's."""
-    module = own_host.compile(guests["abi_exerciser"])
+    e, ctx = after_a_store(own_host, guests)
     x, y, _ = add_inputs()
-    finished(own_host, module, x, y)
-    e = Exerciser(own_host, module)
-    ctx = add_context(e)
     assert e.set_input(ctx, 0, F32, x * 7) == SUCCESS  # served in C
     assert e.raw("compute", ctx) == Errno.INVALID_ARGUMENT
     assert "missing" in e.last_error
@@ -365,11 +366,8 @@ def test_a_ready_context_with_one_input_set(own_host, guests):
 
 
 def test_a_ready_context_refusing_a_new_shape(own_host, guests):
-    module = own_host.compile(guests["abi_exerciser"])
+    e, ctx = after_a_store(own_host, guests)
     x, y, _ = add_inputs()
-    finished(own_host, module, x, y)
-    e = Exerciser(own_host, module)
-    ctx = add_context(e)
     assert e.set_input(ctx, 0, F32, x.reshape(3, 2)) == Errno.INVALID_ARGUMENT
     assert "dims" in e.last_error
     assert np.array_equal(add_round(e, ctx, x, y * 2), x + y * 2)

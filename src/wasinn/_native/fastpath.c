@@ -361,6 +361,14 @@ static void *miss(func_env *f, void *caller, void *context, void *args, size_t n
     return call_python(f, caller, context, args, nargs);
 }
 
+/* The calling store's context and memory, for a handler taking `need` arguments; false: the
+ * call goes to Python (`context` is set either way) */
+static bool entered(table *t, void *caller, size_t nargs, size_t need, void **context,
+                    memory *m) {
+    *context = t->caller_context(caller);
+    return nargs >= need && *context != NULL && caller_memory(t, caller, *context, m);
+}
+
 /* every other wasi-nn function: straight to Python */
 void *fp_call(void *env, void *caller, void *args, size_t nargs) {
     return call_python(env, caller, NULL, args, nargs);
@@ -392,13 +400,11 @@ void *fp_compute(void *env, void *caller, void *args, size_t nargs) {
 void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
     func_env *f = env;
     table *t = f->t;
-    void *context = t->caller_context(caller);
-    if (nargs < 3)
+    void *context;
+    memory m;
+    if (!entered(t, caller, nargs, 3, &context, &m) || !inside(&m, arg(args, 2), 20))
         return miss(f, caller, context, args, nargs);
     uint32_t ctx = arg(args, 0), index = arg(args, 1), tensor_ptr = arg(args, 2);
-    memory m;
-    if (context == NULL || !caller_memory(t, caller, context, &m) || !inside(&m, tensor_ptr, 20))
-        return miss(f, caller, context, args, nargs);
     uint32_t header[5]; /* dims_ptr, dims_len, type (low byte), data_ptr, data_len */
     memcpy(header, m.base + tensor_ptr, sizeof header);
     uint32_t dims_ptr = header[0], dims_len = header[1], type = header[2] & 0xff;
@@ -427,13 +433,11 @@ void *fp_set_input(void *env, void *caller, void *args, size_t nargs) {
 void *fp_init_execution_context(void *env, void *caller, void *args, size_t nargs) {
     func_env *f = env;
     table *t = f->t;
-    void *context = t->caller_context(caller);
-    if (nargs < 2)
+    void *context;
+    memory m;
+    if (!entered(t, caller, nargs, 2, &context, &m) || !inside(&m, arg(args, 1), 4))
         return miss(f, caller, context, args, nargs);
     uint32_t graph = arg(args, 0), ctx_out = arg(args, 1);
-    memory m;
-    if (context == NULL || !caller_memory(t, caller, context, &m) || !inside(&m, ctx_out, 4))
-        return miss(f, caller, context, args, nargs);
     uint64_t store = (uint64_t)(uintptr_t)context;
     bool served = false;
     lock(t);
@@ -458,14 +462,12 @@ void *fp_init_execution_context(void *env, void *caller, void *args, size_t narg
 void *fp_get_output(void *env, void *caller, void *args, size_t nargs) {
     func_env *f = env;
     table *t = f->t;
-    void *context = t->caller_context(caller);
-    if (nargs < 5)
+    void *context;
+    memory m;
+    if (!entered(t, caller, nargs, 5, &context, &m) || !inside(&m, arg(args, 4), 4))
         return miss(f, caller, context, args, nargs);
     uint32_t ctx = arg(args, 0), index = arg(args, 1), out_ptr = arg(args, 2);
     uint32_t out_max = arg(args, 3), written_ptr = arg(args, 4);
-    memory m;
-    if (context == NULL || !caller_memory(t, caller, context, &m) || !inside(&m, written_ptr, 4))
-        return miss(f, caller, context, args, nargs);
     bool served = false;
     lock(t);
     entry *e = find(t, (uint64_t)(uintptr_t)context, ctx, index, KIND_OUTPUT);
