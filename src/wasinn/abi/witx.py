@@ -271,9 +271,10 @@ class NnState:
                 or self.limits.max_contexts < 1:
             return
         for handle in self.graph_by_name.values():
-            if handle in self.graph_configs:
+            graph = self.graphs.get(handle)
+            if graph is None or handle in self.graph_configs:
                 continue
-            ready = pool.take(self.graphs[handle])
+            ready = pool.take(graph)
             if ready is None:
                 continue
             if fast.reserve(self.store_key, handle, ready.spec):
