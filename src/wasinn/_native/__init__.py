@@ -36,7 +36,9 @@ _KIND_INPUT, _KIND_OUTPUT = 1, 2
 #: served there when they can be, compute marking outputs computed
 SERVED = {"set_input": "fp_set_input", "get_output": "fp_get_output", "compute": "fp_compute",
           "init_execution_context": "fp_init_execution_context"}
-_MAX_DIMS = 32
+#: how fastpath.c calls a Python handler: (caller, store context, 8 x u32) -> errno
+HANDLER = ctypes.CFUNCTYPE(ctypes.c_int32, _c, _c, *([_u32] * 8))
+_MAX_DIMS = 32  # fastpath.c's MAX_DIMS: the size of ready_input
 
 
 class ReadyInput(ctypes.Structure):
@@ -66,8 +68,6 @@ class ReadySpec:
             slot.dims[:len(dims)] = dims
             slot.host = host
         self.outputs = (ReadyOutput * len(outputs))(*outputs)
-#: how fastpath.c calls a Python handler: (caller, store context, 8 x u32) -> errno
-HANDLER = ctypes.CFUNCTYPE(ctypes.c_int32, _c, _c, *([_u32] * 8))
 
 
 def _library_path() -> Path:

@@ -611,6 +611,15 @@ static int capture_both(const wasi_api *api, void *config, int64_t stdout_room,
     return failed;
 }
 
+/* Close our descriptors of stdout's and stderr's files (fds as fp_wasi_set gives them:
+ * wasmtime's go with its config or Store) and forget all four */
+static void close_ours(int *fds) {
+    for (int i = 0; i < 4; i += 2)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    fds[0] = fds[1] = fds[2] = fds[3] = -1;
+}
+
 /* a WASI config made ahead, with its stdout and stderr files (see fp_reaper_prepare) */
 typedef struct {
     void *config;
@@ -682,12 +691,8 @@ int fp_wasi_set(const wasi_api *api, reaper *ahead, void *context, const char *a
             failed = EINVAL;
         }
     }
-    if (failed) {
-        for (int i = 0; i < 4; i += 2)
-            if (fds[i] >= 0)
-                close(fds[i]);
-        fds[0] = fds[1] = fds[2] = fds[3] = -1;
-    }
+    if (failed)
+        close_ours(fds);
     return failed;
 }
 
@@ -1026,8 +1031,7 @@ void fp_reaper_close(reaper *r) {
     worker_stop(&r->lock, &r->wake, &r->stop, &r->started, &r->thread);
     pthread_cond_destroy(&r->idle);
     for (size_t i = 0; i < r->nready; i++) {
-        close(r->ready[i].fds[0]);
-        close(r->ready[i].fds[2]);
+        close_ours(r->ready[i].fds);
         r->api.config_delete(r->ready[i].config); /* closes wasmtime's descriptors */
     }
     for (size_t i = 0; i < r->ninstances; i++)
@@ -1258,9 +1262,7 @@ void fp_route_end(reaper *r, route_request *q) {
     if (q->store == NULL || !reaper_drop(r, q->store, q->fds[0], q->fds[2])) {
         if (q->store != NULL)
             r->store_delete(q->store);
-        for (int i = 0; i < 4; i += 2)
-            if (q->fds[i] >= 0)
-                close(q->fds[i]);
+        close_ours(q->fds);
     }
     q->store = q->context = NULL;
     for (int i = 0; i < 4; i++)

@@ -74,6 +74,10 @@ class BufferPool:
                 free.append(buffer)
 
 
+#: what a set_input registered in C: dims, type code, bytes, tensor type
+InputTemplate = tuple[tuple[int, ...], int, int, TensorType]
+
+
 @dataclass
 class ReadyContext:
     """An execution context kept from a store that is done, with what its inputs were last
@@ -82,15 +86,17 @@ class ReadyContext:
 
     context: ExecutionContext
     graph: Graph
-    #: per input index: (array, dims, type code, tensor type) of its last set_input
-    inputs: dict[int, tuple[np.ndarray, tuple[int, ...], int, TensorType]]
+    #: per input index: its array, and what its last set_input registered (as NnState keeps
+    #: them in input_buffers and input_templates)
+    buffers: dict[int, np.ndarray]
+    templates: dict[int, InputTemplate]
     #: per output index: the array every compute rewrites
     outputs: dict[int, np.ndarray]
     spec: ReadySpec
 
     def close(self, buffers: BufferPool) -> None:
         self.context.close()
-        for array, *_ in self.inputs.values():
+        for array in self.buffers.values():
             buffers.give(array)
 
 
@@ -158,8 +164,7 @@ class NnState:
     armed: set[int] = field(default_factory=set)
     #: per context, per input index: what its last set_input registered in C (dims, type
     #: code, bytes, tensor type), to keep the context ready for another store when this ends
-    input_templates: dict[int, dict[int, tuple[tuple[int, ...], int, int, TensorType]]] = \
-        field(default_factory=dict)
+    input_templates: dict[int, dict[int, InputTemplate]] = field(default_factory=dict)
     #: contexts made with a config (load_by_name_with_config): never kept ready
     configured: set[int] = field(default_factory=set)
     #: where contexts of named graphs are kept ready between stores (None: closed instead)
@@ -294,12 +299,10 @@ class NnState:
             return
         self.store_id = store_id
         self.next_context = 1
-        if all(mask >> index & 1 for index in ready.inputs):
+        if all(mask >> index & 1 for index in ready.buffers):
             self.contexts[0] = (ready.context, ready.graph)
-            self.input_buffers[0] = {index: array for index, (array, *_) in ready.inputs.items()}
-            self.input_templates[0] = {index: (dims, type_code, array.nbytes, tensor_type)
-                                       for index, (array, dims, type_code, tensor_type)
-                                       in ready.inputs.items()}
+            self.input_buffers[0] = dict(ready.buffers)
+            self.input_templates[0] = dict(ready.templates)
             self.armed.add(0)
             self.output_pins.update(((0, index), array) for index, array in ready.outputs.items())
             self.adopted[0] = ready
@@ -314,16 +317,17 @@ class NnState:
             raise
         self.contexts[0] = (context, ready.graph)
         ready.context.close()
-        for index, (array, dims, type_code, tensor_type) in ready.inputs.items():
+        for index, template in ready.templates.items():
+            array = ready.buffers[index]
             if not mask >> index & 1:
                 self._give_back([array])
                 continue
+            dims, type_code, nbytes, tensor_type = template
             context.set_input(index, Tensor(dims, tensor_type, array))
             self.keep_input(0, index, array)
-            self.input_templates.setdefault(0, {})[index] = (dims, type_code, array.nbytes,
-                                                             tensor_type)
-            self.fast.put_input(self.store_key, store_id, 0, index, dims, type_code,
-                                array.nbytes, array.__array_interface__["data"][0])
+            self.input_templates.setdefault(0, {})[index] = template
+            self.fast.put_input(self.store_key, store_id, 0, index, dims, type_code, nbytes,
+                                array.__array_interface__["data"][0])
 
     def _retire(self, ctx: int, context: ExecutionContext, graph: Graph) -> None:
         """A context this store is done with (its C registrations dropped): kept ready for
@@ -343,8 +347,7 @@ class NnState:
         self._give_back(buffers.values())
 
     def _ready(self, context: ExecutionContext, graph: Graph, buffers: dict[int, np.ndarray],
-               templates: dict[int, tuple[tuple[int, ...], int, int, TensorType]]
-               ) -> ReadyContext | None:
+               templates: dict[int, InputTemplate]) -> ReadyContext | None:
         """`context` as a ReadyContext: if its backend can recycle it, its outputs are
         rewritten in place, its graph is a named one (shared by every store) and each input
         was set through C's registration."""
@@ -356,16 +359,14 @@ class NnState:
             return None
         if any(buffers[index].nbytes != nbytes for index, (_, _, nbytes, _) in templates.items()):
             return None
-        inputs = {index: (buffers[index], dims, type_code, tensor_type)
-                  for index, (dims, type_code, _, tensor_type) in templates.items()}
         outputs = {index: array for index, array in enumerate(context.output_arrays())  # type: ignore[attr-defined]
                    if _pinnable(array)}
         spec = ReadySpec(
-            [(index, dims, type_code, array.nbytes, array.__array_interface__["data"][0])
-             for index, (array, dims, type_code, _) in inputs.items()],
+            [(index, dims, type_code, nbytes, buffers[index].__array_interface__["data"][0])
+             for index, (dims, type_code, nbytes, _) in templates.items()],
             [(index, array.nbytes, array.__array_interface__["data"][0])
              for index, array in outputs.items()])
-        return ReadyContext(context, graph, inputs, outputs, spec)
+        return ReadyContext(context, graph, buffers, templates, outputs, spec)
 
     def close(self) -> None:
         if self.reserved is not None:

@@ -174,7 +174,8 @@ class WagiRoute:
         self.reuse_linking = reuse_linking
         self.max_output = max_output
         self.pool = pool
-        self.module = host.compile(self.module_path)
+        wasm = self.module_path.read_bytes()
+        self.module = host.compile(wasm)
         if not any(e.name == "_start" for e in self.module.exports):
             raise ValueError(f"{self.module_path}: not a WASI command (no _start export)")
         # a pre-initialized module's graph handles, bound again in every request's store
@@ -212,7 +213,7 @@ class WagiRoute:
         self._driven = False  # requests driven from C
         if reuse_linking and self._reaper is not None and self._native_wasi is not None \
                 and self._ticker is not None:
-            count = 0 if has_start(self.module_path.read_bytes()) else min(max(ahead, 0), 8)
+            count = 0 if has_start(wasm) else min(max(ahead, 0), 8)
             self._driven = self._reaper.instances(host.engine, self._pre, self.max_memory,
                                                   FAR_DEADLINE, count)
             self.ahead = count if self._driven else 0
@@ -645,6 +646,7 @@ class _FileCapture:
         self._theirs = -1
         self._length = 0
         self._native: NativeWasi | None = None
+        self._owned = True  # its descriptor is closed with it
 
     @classmethod
     def known(cls, fd: int, length: int, limit: int, keep_tail: bool) -> _FileCapture:
@@ -673,6 +675,7 @@ class _FileCapture:
         capture._theirs = theirs
         capture._length = 0
         capture._native = native
+        capture._owned = True
         return capture
 
     def attach(self, wasi: wasmtime.WasiConfig, stream: str) -> None:
